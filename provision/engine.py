@@ -1,0 +1,239 @@
+"""The step engine: check -> apply -> check again, in order, with a report.
+
+Every step is a module with the same small interface:
+
+    NAME = "driver"                      # the name used by --only/--skip and in tests/
+    TITLE = "NVIDIA 580xx driver branch"
+    FACTS = [Fact(...), ...]             # extra facts it needs (gathered with the core facts, one command)
+    def check(facts, cfg) -> Check       # pure: facts in, wanted changes out (no commands run)
+    def apply(host, facts, cfg, check)   # makes the changes; may return Attention notes
+
+After `apply` the runner gathers facts again and calls `check` once more: a step that is still not
+satisfied is FAILED, not changed. A step that raises StepError or whose command fails stops the run
+with a message naming the step, the command, its exit status and the last lines of its output.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from . import facts as factmod
+from .host import CommandFailed, Host
+
+OK, CHANGED, FAILED, SKIPPED, PLANNED = "ok", "changed", "failed", "skipped", "would change"
+
+
+@dataclass
+class Change:
+    """One difference between the host and the wanted state."""
+    what: str                 # e.g. "install cuda-nvcc-12-9"
+    why: str                  # e.g. "not installed"
+    commands: list[str] = field(default_factory=list)   # what apply will run, for the plan
+
+
+@dataclass
+class Check:
+    satisfied: bool
+    changes: list[Change] = field(default_factory=list)
+    # Things the user must know even when satisfied: "reboot required", "Secure Boot key not enrolled".
+    attention: list[str] = field(default_factory=list)
+    # Warnings shown in the plan (e.g. packages built for another Fedora release).
+    warnings: list[str] = field(default_factory=list)
+    # Facts the step derived and wants in the report (versions found, paths used...).
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def done(cls, **kw) -> "Check":
+        return cls(True, **kw)
+
+    @classmethod
+    def todo(cls, changes: list[Change], **kw) -> "Check":
+        return cls(False, changes, **kw)
+
+
+class StepError(Exception):
+    """A step cannot go on. The message names the cause and the fix."""
+
+    def __init__(self, cause: str, fix: str = "", *, command: str | None = None, exited: int | None = None,
+                 output: str = ""):
+        self.cause, self.fix, self.command, self.exited, self.output = cause, fix, command, exited, output
+        msg = cause
+        if fix:
+            msg += f"\n  fix: {fix}"
+        if command:
+            msg += f"\n  command: {command}\n  exit status: {exited}"
+        if output:
+            msg += "\n  last output:\n" + "\n".join("    " + line for line in output.splitlines()[-15:])
+        super().__init__(msg)
+
+
+class NotFedora(StepError):
+    pass
+
+
+def require_fedora(facts: dict, step: str) -> None:
+    """Steps that use dnf/rpm refuse any host that is not Fedora 42."""
+    if not factmod.is_fedora(facts):
+        os_ = facts.get("os")
+        seen = f"{os_.get('id')} {os_.get('version')}" if isinstance(os_, dict) else "unknown"
+        raise NotFedora(f"{step}: this host is {seen}, not Fedora 42; gpubox's system steps target Fedora 42 only",
+                        "run it on the Fedora 42 GPU box (invoke provision there, or fab -H HOST provision), or "
+                        "try the sandbox host: invoke demo")
+
+
+@dataclass
+class StepResult:
+    name: str
+    status: str
+    seconds: float = 0.0
+    changes: list[dict] = field(default_factory=list)
+    attention: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    commands: list[dict] = field(default_factory=list)
+    error: str = ""
+    log: str = ""
+
+
+@dataclass
+class Report:
+    host: str
+    started: str
+    mode: str
+    steps: list[StepResult] = field(default_factory=list)
+    fact_commands: int = 0
+    seconds: float = 0.0
+    path: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return any(s.status == FAILED for s in self.steps)
+
+    @property
+    def changed(self) -> int:
+        return sum(1 for s in self.steps if s.status in (CHANGED, PLANNED))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+    def table(self) -> str:
+        rows = [f"gpubox {self.mode} on {self.host}: {len(self.steps)} steps, {self.changed} changed, "
+                f"{self.seconds:.2f}s, {self.fact_commands} fact command(s)"]
+        w = max([len(s.name) for s in self.steps] + [4])
+        rows.append(f"  {'step':<{w}}  {'status':<12} {'time':>7}  detail")
+        for s in self.steps:
+            detail = "; ".join([c["what"] + (f" ({c['why']})" if c.get("why") else "") for c in s.changes][:4])
+            if len(s.changes) > 4:
+                detail += f"; +{len(s.changes) - 4} more"
+            if s.error:
+                detail = s.error.splitlines()[0]
+            rows.append(f"  {s.name:<{w}}  {s.status:<12} {s.seconds:>6.2f}s  {detail}")
+            for a in s.attention:
+                rows.append(f"  {'':<{w}}  ! {a}")
+            for wn in s.warnings:
+                rows.append(f"  {'':<{w}}  warning: {wn}")
+        if self.failed:
+            bad = next(s for s in self.steps if s.status == FAILED)
+            rows.append("")
+            rows.append(f"step {bad.name} FAILED:")
+            rows.extend("  " + line for line in bad.error.splitlines())
+            if bad.log:
+                rows.append(f"  full log: {bad.log}")
+        if self.path:
+            rows.append(f"report: {self.path}")
+        return "\n".join(rows)
+
+
+class Runner:
+    """Runs steps in order. `plan=True` only checks; nothing is changed on the host."""
+
+    def __init__(self, host: Host, cfg: dict, steps: list[Any], *, plan: bool = False,
+                 report_dir: str | None = None, echo: Callable[[str], None] = print):
+        self.host, self.cfg, self.steps, self.plan = host, cfg, steps, plan
+        self.echo = echo
+        self.report_dir = Path(os.path.expanduser(report_dir or cfg["report_dir"]))
+        self._fact_runs = 0
+
+    def gather(self) -> dict:
+        self._fact_runs += 1
+        return factmod.gather(self.host, self.cfg, self.steps)
+
+    def run(self, skipped: Iterable[str] = ()) -> Report:
+        skipped = set(skipped)
+        t0 = time.monotonic()
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        report = Report(host=self.host.name, started=stamp, mode="plan" if self.plan else "provision")
+        logdir = self.report_dir / f"{self.host.name}-{stamp}"
+        facts = self.gather()
+        for step in self.steps:
+            res = StepResult(step.NAME, SKIPPED)
+            report.steps.append(res)
+            if step.NAME in skipped:
+                continue
+            logdir.mkdir(parents=True, exist_ok=True)
+            logfile = logdir / f"{step.NAME}.log"
+            res.log = str(logfile)
+            with logfile.open("a") as lf:
+                def log(line: str, lf=lf) -> None:
+                    lf.write(line + "\n")
+                    lf.flush()
+                self.host.log = log
+                start_rec = len(self.host.records)
+                s0 = time.monotonic()
+                try:
+                    chk = step.check(facts, self.cfg)
+                    res.changes = [asdict(c) for c in chk.changes]
+                    res.warnings = list(chk.warnings)
+                    res.info = dict(chk.info)
+                    if chk.satisfied:
+                        res.status = OK
+                        res.attention = list(chk.attention)
+                    elif self.plan:
+                        res.status = PLANNED
+                        res.attention = list(chk.attention)
+                    else:
+                        self.echo(f"[{step.NAME}] applying: " + "; ".join(c.what for c in chk.changes))
+                        extra = step.apply(self.host, facts, self.cfg, chk) or []
+                        facts = self.gather()
+                        after = step.check(facts, self.cfg)
+                        res.attention = list(after.attention) + [a for a in extra if a not in after.attention]
+                        res.info.update(after.info)
+                        if not after.satisfied:
+                            res.status = FAILED
+                            res.error = (f"{step.NAME}: still not satisfied after apply: "
+                                         + "; ".join(f"{c.what} ({c.why})" for c in after.changes))
+                        else:
+                            res.status = CHANGED
+                except CommandFailed as e:
+                    res.status = FAILED
+                    res.error = str(StepError(f"{step.NAME}: a command failed", "see the output below and the step log",
+                                              command=e.command, exited=e.exited, output=e.tail()))
+                except StepError as e:
+                    res.status = FAILED
+                    res.error = str(e)
+                finally:
+                    self.host.log = None
+                    res.seconds = time.monotonic() - s0
+                    res.commands = [asdict(r) for r in self.host.records[start_rec:]]
+                    if res.error:
+                        log("FAILED: " + res.error)
+            if res.status == FAILED:
+                break
+        report.fact_commands = self._fact_runs
+        report.seconds = time.monotonic() - t0
+        self.write(report)
+        return report
+
+    def write(self, report: Report) -> None:
+        self.report_dir.mkdir(parents=True, exist_ok=True)
+        path = self.report_dir / f"{report.host}-{report.started}-{report.mode}.json"
+        report.path = str(path)
+        path.write_text(report.to_json())
+        latest = self.report_dir / f"{report.host}-latest.json"
+        latest.write_text(report.to_json())

@@ -1,0 +1,164 @@
+"""One way to run commands on the target, locally (Invoke Context) or over SSH (Fabric Connection).
+
+Commands are argument lists joined with `shlex.join`, or `sh(template, **values)` where every value
+is quoted with `shlex.quote`: configuration values never reach a shell unquoted.
+
+>>> sh("test -e {path} && echo yes", path="/tmp/a b; touch /tmp/x")
+"test -e '/tmp/a b; touch /tmp/x' && echo yes"
+>>> cmd(["rpm", "-q", "a$(id)"])
+"rpm -q 'a$(id)'"
+"""
+
+from __future__ import annotations
+
+import io
+import shlex
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+
+def cmd(argv: Sequence[Any]) -> str:
+    """An argument list as one shell-safe command string."""
+    return shlex.join(str(a) for a in argv)
+
+
+def sh(template: str, **values: Any) -> str:
+    """A shell snippet with every {name} replaced by the shell-quoted value.
+
+    Lists are quoted element by element and joined with spaces."""
+    quoted = {}
+    for k, v in values.items():
+        if isinstance(v, (list, tuple)):
+            quoted[k] = " ".join(shlex.quote(str(x)) for x in v)
+        else:
+            quoted[k] = shlex.quote(str(v))
+    return template.format(**quoted)
+
+
+class CommandFailed(Exception):
+    """A command on the target exited non-zero."""
+
+    def __init__(self, command: str, exited: int, stdout: str, stderr: str):
+        self.command, self.exited, self.stdout, self.stderr = command, exited, stdout, stderr
+        super().__init__(f"command exited {exited}: {command}\n{self.tail()}")
+
+    def tail(self, n: int = 15) -> str:
+        lines = (self.stdout + "\n" + self.stderr).strip().splitlines()
+        return "\n".join(lines[-n:])
+
+
+@dataclass
+class Record:
+    command: str
+    exited: int
+    seconds: float
+    root: bool
+
+
+@dataclass
+class Host:
+    """A thin recorder around an Invoke Context or Fabric Connection.
+
+    `root=True` runs with sudo unless the login user is already root (decided from facts, so no
+    extra round trip). Every command, its status and duration are recorded for the run report, and
+    its output is appended to the current step's log file."""
+
+    c: Any
+    is_root: bool | None = None
+    log: Callable[[str], None] | None = None
+    records: list[Record] = field(default_factory=list)
+    echo: bool = False
+
+    @property
+    def name(self) -> str:
+        return getattr(self.c, "host", None) or "localhost"
+
+    @property
+    def remote(self) -> bool:
+        return hasattr(self.c, "host") and hasattr(self.c, "open")
+
+    def run(self, command: str | Sequence[Any], *, root: bool = False, check: bool = True,
+            stdin: str | None = None, timeout: float | None = None, env: dict[str, str] | None = None,
+            stream: Callable[[str], None] | None = None, pty: bool = False):
+        """Run one command; raise CommandFailed on non-zero exit when check is true.
+
+        `stream` gets stdout line by line while the command runs (progress parsing)."""
+        if not isinstance(command, str):
+            command = cmd(command)
+        if env:
+            command = cmd(["env", *[f"{k}={v}" for k, v in env.items()]]) + " " + command
+        use_sudo = root and self.is_root is False
+        if use_sudo:
+            # -n: never prompt (a hidden password prompt would hang); sudo must be passwordless or the
+            # error says so. The command runs under `sh -c` so redirections happen as root too.
+            command = cmd(["sudo", "-n", "sh", "-c", command])
+        kwargs: dict[str, Any] = dict(hide=True, warn=True, in_stream=io.StringIO(stdin) if stdin is not None else False)
+        if timeout:
+            kwargs["timeout"] = timeout
+        if pty:
+            kwargs["pty"] = True
+        if stream is not None:
+            kwargs["out_stream"] = _LineStream(stream)
+            kwargs["hide"] = "stderr"
+        if self.log:
+            self.log(f"$ {command}")
+        t0 = time.monotonic()
+        result = self.c.run(command, **kwargs)
+        dt = time.monotonic() - t0
+        exited = getattr(result, "exited", 0) or 0
+        stdout = getattr(result, "stdout", "") or ""
+        stderr = getattr(result, "stderr", "") or ""
+        self.records.append(Record(command, exited, dt, root))
+        if self.log:
+            if stdout.strip() and stream is None:
+                self.log(stdout.rstrip())
+            if stderr.strip():
+                self.log(stderr.rstrip())
+            self.log(f"# exit {exited} in {dt:.2f}s")
+        if check and exited != 0:
+            raise CommandFailed(command, exited, stdout, stderr)
+        return result
+
+    def ok(self, command: str | Sequence[Any], **kw) -> bool:
+        """True when the command exits 0."""
+        return self.run(command, check=False, **kw).exited == 0
+
+    def write_file(self, path: str, content: str, *, mode: str = "0644", owner: str | None = None,
+                   root: bool = False) -> None:
+        """Write a whole file atomically (temp file in the same directory, then rename)."""
+        script = sh(
+            'set -e; d=$(dirname {p}); mkdir -p "$d"; t=$(mktemp "$d/.gpubox.XXXXXX"); '
+            'cat > "$t"; chmod {m} "$t"; ' + ('chown {o} "$t"; ' if owner else "") + 'mv -f "$t" {p}',
+            p=path, m=mode, o=owner or "")
+        self.run(["sh", "-c", script], root=root, stdin=content)
+
+
+class _LineStream(io.StringIO):
+    """A file-like sink that hands complete lines to a callback (for Ninja's [n/N] progress)."""
+
+    def __init__(self, callback: Callable[[str], None]):
+        super().__init__()
+        self._cb = callback
+        self._buf = ""
+
+    def write(self, s: str) -> int:
+        self._buf += s
+        while "\n" in self._buf:
+            line, self._buf = self._buf.split("\n", 1)
+            self._cb(line)
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def expand_home(path: str, home: str) -> str:
+    """`~/Models` -> `/home/u/Models` using the target user's home from facts."""
+    if path == "~" or path.startswith("~/"):
+        return home.rstrip("/") + path[1:]
+    return path
+
+
+def joined(items: Iterable[str]) -> str:
+    return ", ".join(items)
