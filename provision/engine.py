@@ -107,6 +107,7 @@ class Report:
     started: str
     mode: str
     steps: list[StepResult] = field(default_factory=list)
+    os: str = ""
     fact_commands: int = 0
     seconds: float = 0.0
     path: str = ""
@@ -123,7 +124,7 @@ class Report:
         return json.dumps(asdict(self), indent=2, default=str)
 
     def table(self) -> str:
-        rows = [f"gpubox {self.mode} on {self.host}: {len(self.steps)} steps, {self.changed} changed, "
+        rows = [f"gpubox {self.mode} on {self.host} [{self.os}]: {len(self.steps)} steps, {self.changed} changed, "
                 f"{self.seconds:.2f}s, {self.fact_commands} fact command(s)"]
         w = max([len(s.name) for s in self.steps] + [4])
         rows.append(f"  {'step':<{w}}  {'status':<12} {'time':>7}  detail")
@@ -171,6 +172,12 @@ class Runner:
         report = Report(host=self.host.name, started=stamp, mode="plan" if self.plan else "provision")
         logdir = self.report_dir / f"{self.host.name}-{stamp}"
         facts = self.gather()
+        os_ = facts.get("os")
+        report.os = f"{os_.get('pretty')} ({os_.get('id')} {os_.get('version')})" if isinstance(os_, dict) else "unknown"
+        if not factmod.is_fedora(facts):
+            self.echo(f"note: {self.host.name} runs {report.os}, not Fedora 42: "
+                      + ("this plan shows what provision would change; provision itself would refuse the system steps."
+                         if self.plan else "the system steps will refuse to change it."))
         for step in self.steps:
             res = StepResult(step.NAME, SKIPPED)
             report.steps.append(res)
@@ -223,7 +230,7 @@ class Runner:
                     res.commands = [asdict(r) for r in self.host.records[start_rec:]]
                     if res.error:
                         log("FAILED: " + res.error)
-            if res.status == FAILED:
+            if res.status == FAILED and not self.plan:
                 break
         report.fact_commands = self._fact_runs
         report.seconds = time.monotonic() - t0
