@@ -81,9 +81,13 @@ def apply_sets(cfg: dict[str, Any], sets: Iterable[str]) -> dict[str, Any]:
                 problems.append(f"--set {key}: unknown key {parts[-1]!r}; known: {', '.join(sorted(node))}")
                 continue
             try:
-                node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+                value = yaml.safe_load(raw) if raw.strip() else ""
             except yaml.YAMLError:
-                node[parts[-1]] = raw
+                value = raw
+            # A string setting stays a string ("61", a SHA of digits), whatever YAML would make of it.
+            if isinstance(node[parts[-1]], str) and not isinstance(value, str):
+                value = raw
+            node[parts[-1]] = value
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -236,6 +240,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         bad("build.targets", tg, "must be a non-empty list of target names like llama-server")
     want_int("build.jobs", 0, 1024)
     want_int("build.mem_per_job_gb", 1, 64)
+    want_path("build.ccache_dir", empty_ok=True)
     ce = get("build.cmake_extra")
     if ce is not None and (not isinstance(ce, list) or not all(isinstance(x, str) and CMAKE_DEF_RE.match(x) for x in ce)):
         bad("build.cmake_extra", ce, "must be a list of NAME=VALUE strings")

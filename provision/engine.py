@@ -178,10 +178,14 @@ class Runner:
             self.echo(f"note: {self.host.name} runs {report.os}, not Fedora 42: "
                       + ("this plan shows what provision would change; provision itself would refuse the system steps."
                          if self.plan else "the system steps will refuse to change it."))
+        stopped = ""
         for step in self.steps:
             res = StepResult(step.NAME, SKIPPED)
             report.steps.append(res)
             if step.NAME in skipped:
+                continue
+            if stopped:
+                res.error = f"not run: step {stopped} failed"
                 continue
             logdir.mkdir(parents=True, exist_ok=True)
             logfile = logdir / f"{step.NAME}.log"
@@ -231,7 +235,7 @@ class Runner:
                     if res.error:
                         log("FAILED: " + res.error)
             if res.status == FAILED and not self.plan:
-                break
+                stopped = step.NAME
         report.fact_commands = self._fact_runs
         report.seconds = time.monotonic() - t0
         self.write(report)
