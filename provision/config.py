@@ -6,7 +6,7 @@ our `--set key=value` flag on top. `load(c, overrides)` then reads `c.config.gpu
 `--set` values and validates everything before any step runs.
 
 >>> cfg = validate(defaults()["gpubox"])
->>> cfg["cuda"]["version"], cfg["build"]["sha"][:9]
+>>> cfg["cuda"]["version"], fork_pin(cfg)["sha"][:9]
 ('12.9', 'a6f3d363e')
 """
 
