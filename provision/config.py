@@ -296,7 +296,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         v = get(key)
         if v is not None and (not isinstance(v, list) or not all(isinstance(x, str) and re.match(r"^[^=\s]+=[A-Za-z0-9_]+$", x) for x in v)):
             bad(key, v, "must be a list of PATTERN=BUFFER strings, e.g. token_embd\\.weight=CUDA0")
-    want_int("serve.log_verbosity", 0, 5)
+    if get("serve.log_verbosity") != "auto":
+        want_int("serve.log_verbosity", 0, 5)
     want_choice("serve.on_missing_option", ("error", "drop"))
     su = get("serve.service_user")
     if su is not None and not (su == "" or re.match(r"^[a-z_][a-z0-9_-]*$", str(su))):
