@@ -185,6 +185,9 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     if url is not None and not re.match(r"^(https?|file)://[^\s'\"]+$", str(url)):
         bad("cuda.repo_baseurl", url, "must be an http(s):// or file:// URL without spaces or quotes")
     want_bool("cuda.repo_gpgcheck")
+    gk = get("cuda.repo_gpgkey")
+    if gk is not None and not (gk == "" or re.match(r"^(https?|file)://[^\s'\"]+$", str(gk))):
+        bad("cuda.repo_gpgkey", gk, "must be \"\" or an http(s):// or file:// URL without spaces or quotes")
     want_pkgs("cuda.exclude")
     want_pkgs("cuda.packages")
     pk = get("cuda.packages") or []
