@@ -1,19 +1,784 @@
-"""Step: llama.cpp fork at a pinned commit.
+"""Step 5: build the llama.cpp fork at a pinned commit, fast and reproducibly.
 
-Not implemented yet (issue #5): check() reports that as a failure, never as success."""
+What it does, in order (apply), each part skipped when already right:
+
+1. Source: clone the configured URL (a git URL, an absolute path or a file:// URL) into build.src_dir
+   (a full clone: the build embeds the commit and its count, which a shallow clone gets wrong), fetch
+   when the pinned commit is missing, and check out the pinned full SHA detached. A checkout with local
+   changes, or whose HEAD is a commit no branch or tag holds, is reported and left alone.
+2. Configure with CMake (Ninja when present), every input explicit: compilers, CUDA compiler and host
+   compiler, CUDA architectures, ccache launchers. The inputs are recorded in gpubox-configure.json;
+   when they change, the cached configuration is deleted first (CMake ignores a changed compiler or
+   architecture in an existing CMakeCache.txt).
+3. Build only build.targets with a job count bounded by cores and memory (provision.jobs), printing
+   Ninja's [n/N] progress; the full compiler output goes to the step's log. An interrupted build
+   continues where it stopped (Ninja), because the stamp is removed before and written only after.
+4. Record: `llama-server --version` must name the pinned commit; `llama-server --help` is parsed once
+   (provision.serve.helptext) and stored as JSON for the serve step; last, the build stamp.
+
+Files in build.build_dir (the serve step and `invoke verify` read them):
+    gpubox-stamp.json      SHA, cmake arguments, compiler versions, targets, timings (written last)
+    gpubox-configure.json  the inputs of the current CMake configuration
+    gpubox-dialect.json    the flag dialect of bin/llama-server (provision.serve.helptext.to_json)
+    gpubox-help.txt        the raw `llama-server --help` text it was parsed from
+"""
 
 from __future__ import annotations
 
-from ..engine import Check, StepError
+import datetime as _dt
+import json
+import posixpath
+import re
+import time
+from typing import Any, Callable
+
+from .. import config as configmod
+from ..engine import Change, Check, StepError
+from ..facts import UNKNOWN, Fact, qpath
+from ..host import CommandFailed, cmd, expand_home
+from ..jobs import choose_jobs
 
 NAME = "build"
 TITLE = "llama.cpp fork at a pinned commit"
-FACTS: list = []
+
+STAMP_FILE = "gpubox-stamp.json"
+CONFIGURE_FILE = "gpubox-configure.json"
+DIALECT_FILE = "gpubox-dialect.json"      # == provision.serve.helptext.FILENAME
+HELP_FILE = "gpubox-help.txt"
+STAMP_VERSION = 1
+SERVER = "llama-server"
+
+# Ninja: "[12/220] Building CXX object ..."; Makefiles: "[ 45%] Building ...".
+NINJA_RE = re.compile(r"^\[(\d+)/(\d+)\]")
+MAKE_RE = re.compile(r"^\[\s*(\d+)%\]")
+ARCH_LINE_RE = re.compile(r"Using CMAKE_CUDA_ARCHITECTURES=.*")
+OOM_RE = re.compile(r"signal: (9|11)|Killed signal terminated|cicc terminated|out of memory|std::bad_alloc", re.I)
+
+
+# --- facts --------------------------------------------------------------------------------------------
+
+def toolchain(cfg: dict) -> dict[str, str]:
+    """Where the compilers come from (pure, from config). CPU builds use the host's cc/c++ (from facts).
+
+    CUDA: nvcc is build.nvcc or <cuda.prefix>/bin/nvcc (step 2); the host compiler is build.host_compiler
+    or step 3's g++-<major>; C and C++ use the same gcc as nvcc's host compiler, so the whole build has
+    one compiler."""
+    b = cfg["build"]
+    if not b["cuda"]:
+        return {"source": "host", "nvcc": "", "host": "", "cc": "", "cxx": ""}
+    nvcc = b["nvcc"] or posixpath.join(cfg["cuda"]["prefix"], "bin", "nvcc")
+    host = b["host_compiler"] or _steps_host_compiler(cfg)
+    source = "config" if (b["nvcc"] or b["host_compiler"]) else "steps 2-3"
+    return {"source": source, "nvcc": nvcc, "host": host, "cc": c_compiler_of(host), "cxx": host}
+
+
+def _steps_host_compiler(cfg: dict) -> str:
+    try:
+        from . import compiler as compstep
+        fn = getattr(compstep, "host_compiler", None)
+        if fn is not None:
+            return fn(cfg)
+    except Exception:  # the compiler helper's module not there or broken: the same value, derived here
+        pass
+    return f"/usr/bin/g++-{cfg['compiler']['major']}"
+
+
+def c_compiler_of(cxx: str) -> str:
+    """The C driver next to a C++ driver: g++-14 -> gcc-14, g++ -> gcc, clang++ -> clang, c++ -> cc.
+
+    >>> c_compiler_of("/usr/bin/g++-14"), c_compiler_of("/usr/bin/clang++-18"), c_compiler_of("/opt/x")
+    ('/usr/bin/gcc-14', '/usr/bin/clang-18', '')
+    """
+    d, base = posixpath.split(cxx)
+    for a, b in (("g++", "gcc"), ("clang++", "clang"), ("c++", "cc")):
+        if a in base:
+            return posixpath.join(d, base.replace(a, b, 1))
+    return ""
+
+
+def _fact_command(cfg: dict) -> str:
+    b = cfg["build"]
+    sha = configmod.fork_pin(cfg)["sha"]
+    tc = toolchain(cfg)
+    kv = "kv() { printf '%s=%s\\n' \"$1\" \"$2\"; }"
+    lines = [
+        kv,
+        f"src={qpath(b['src_dir'])}; bld={qpath(b['build_dir'])}; sha={qpath(sha)}",
+        'kv path "$PATH"',
+        # git: HEAD, local changes (without taking the index lock: a fact never writes), the origin URL,
+        # whether the pinned commit is present, and whether HEAD is held by a branch or tag.
+        'if [ -e "$src/.git" ]; then kv src git; g() { git -C "$src" --no-optional-locks "$@"; }; '
+        'kv head "$(g rev-parse HEAD)"; '
+        'kv dirty "$(g status --porcelain --untracked-files=no | head -n 20 | cut -c4- | tr "\\n" " ")"; '
+        'kv origin "$(g config --get remote.origin.url)"; '
+        'g cat-file -e "$sha^{commit}" && kv has_sha yes || kv has_sha no; '
+        '[ -n "$(g for-each-ref --contains HEAD --count=1 --format=x)" ] && kv head_on_ref yes || kv head_on_ref no; '
+        'elif [ -d "$src" ] && [ -z "$(ls -A "$src")" ]; then kv src empty; '
+        'elif [ -e "$src" ]; then kv src other; else kv src missing; fi',
+        f'[ -f "$bld/{STAMP_FILE}" ] && kv stamp "$(tr -d "\\n" < "$bld/{STAMP_FILE}")"',
+        f'[ -f "$bld/{CONFIGURE_FILE}" ] && kv configured "$(tr -d "\\n" < "$bld/{CONFIGURE_FILE}")"',
+        '[ -f "$bld/CMakeCache.txt" ] && kv cmakecache yes',
+        '{ [ -f "$bld/build.ninja" ] || [ -f "$bld/Makefile" ]; } && kv generated yes',
+        f'[ -s "$bld/{DIALECT_FILE}" ] && kv dialect yes',
+        'for t in ' + " ".join(qpath(t) for t in b["targets"]) + '; do [ -x "$bld/bin/$t" ] && kv bin "$t"; done',
+        # --version prints to stderr; a CUDA build on a box whose driver is not loaded fails here.
+        f'if [ -x "$bld/bin/{SERVER}" ]; then v=$(timeout 60 "$bld/bin/{SERVER}" --version 2>&1); kv version_rc $?; '
+        'kv version "$(printf "%s" "$v" | grep -m1 "^version")"; '
+        'kv version_tail "$(printf "%s" "$v" | tail -n 3 | tr "\\n" " ")"; fi',
+        'c=$(command -v ccache) && kv ccache "$c" && kv ccache_version "$(ccache --version | head -n1)"',
+        'c=$(command -v cmake) && kv cmake "$c" && kv cmake_version "$(cmake --version | head -n1)"',
+        'c=$(command -v ninja || command -v ninja-build) && kv ninja "$c" && kv ninja_version "$("$c" --version)"',
+        'c=$(command -v git) && kv git "$c"',
+    ]
+    if tc["nvcc"]:
+        lines.append(f"nv={qpath(tc['nvcc'])}; kv nvcc_path \"$nv\"; "
+                     '[ -x "$nv" ] && kv nvcc_version "$("$nv" --version | grep -m1 release)"')
+        lines.append(f"cx={qpath(tc['cxx'])}; cc={qpath(tc['cc'] or tc['cxx'])}")
+    else:
+        lines.append('cx=$(command -v c++ || command -v g++); cc=$(command -v cc || command -v gcc)')
+    lines.append('kv cxx_path "$cx"; [ -x "$cx" ] && kv cxx_version "$("$cx" --version | head -n1)"; '
+                 'kv cc_path "$cc"; [ -x "$cc" ] && kv cc_version "$("$cc" --version | head -n1)"')
+    return "; ".join(lines[:1]) + "\n" + "\n".join(lines[1:]) + "\ntrue"
+
+
+def parse_fact(out: str, rc: int) -> dict[str, Any]:
+    """`key=value` lines -> the build fact. JSON values (stamp, configured) that do not parse are None."""
+    d: dict[str, Any] = {"src": "missing", "bins": [], "stamp": None, "configured": None, "dirty": [],
+                         "has_sha": False, "head_on_ref": False, "cmakecache": False, "generated": False,
+                         "dialect": False}
+    for line in out.splitlines():
+        k, sep, v = line.partition("=")
+        if not sep:
+            continue
+        v = v.strip()
+        if k == "bin":
+            d["bins"].append(v)
+        elif k in ("stamp", "configured"):
+            try:
+                d[k] = json.loads(v)
+            except ValueError:
+                d[k] = None
+        elif k == "dirty":
+            d[k] = v.split()
+        elif k in ("has_sha", "head_on_ref", "cmakecache", "generated", "dialect"):
+            d[k] = v == "yes"
+        elif k == "version_rc":
+            d[k] = int(v) if v.lstrip("-").isdigit() else 1
+        else:
+            d[k] = v
+    return d
+
+
+FACTS = [Fact("build", _fact_command, parse_fact)]
+
+
+# --- decisions (pure) ---------------------------------------------------------------------------------
+
+def _version_tuple(v: Any) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in str(v).split("."))
+    except ValueError:
+        return ()
+
+
+def architecture(facts: dict, cfg: dict) -> tuple[str, str]:
+    """(CMAKE_CUDA_ARCHITECTURES, why). `native` needs a visible GPU; without one the fallback is used."""
+    b = cfg["build"]
+    want = str(b["cuda_architectures"])
+    if want != "native":
+        return want, f"build.cuda_architectures = {want} (configured)"
+    gpus = facts.get("gpus")
+    if isinstance(gpus, list) and gpus:
+        archs = ",".join(sorted({str(g.get("arch")) for g in gpus}))
+        return "native", f"native: the visible GPU(s) ({', '.join(g.get('name', '?') for g in gpus)}; sm_{archs})"
+    fb = str(b["fallback_architectures"])
+    return fb, (f"no GPU visible (nvidia-smi lists none: a container, or the new driver is not loaded before "
+                f"the reboot), so `native` cannot work: using build.fallback_architectures = {fb}")
+
+
+def gpu_archs(facts: dict) -> list[str]:
+    gpus = facts.get("gpus")
+    return sorted({str(g.get("arch")) for g in gpus}) if isinstance(gpus, list) else []
+
+
+def cmake_flags(facts: dict, cfg: dict) -> list[tuple[str, str]]:
+    """The -D options with the reason for each (nixpkgs style: no flag without its why)."""
+    b = cfg["build"]
+    f = _bfact(facts)
+    tc = toolchain(cfg)
+    flags: list[tuple[str, str]] = [
+        ("-DCMAKE_BUILD_TYPE=Release", "optimised code; single-config generators default to an unoptimised build"),
+        ("-DLLAMA_BUILD_UI=OFF", "no npm build of the web UI: the build stays offline and reproducible"),
+        ("-DLLAMA_USE_PREBUILT_UI=OFF", "no download of the prebuilt web UI from a Hugging Face bucket at build time"),
+        ("-DLLAMA_CURL=OFF", "older trees (the recipe's pre-sync trunk) default to libcurl for -hf downloads and "
+                             "stop without libcurl-devel; gpubox downloads the models itself (step 6)"),
+        ("-DLLAMA_OPENSSL=OFF", "no HTTPS client in the server (models come from step 6), so the result does not "
+                                "depend on whether openssl-devel happens to be installed"),
+        ("-DLLAMA_BUILD_TESTS=OFF", "test targets are never built here; skipping them shortens configure"),
+        (f"-DGGML_CUDA={'ON' if b['cuda'] else 'OFF'}", "the CUDA backend (build.cuda)"),
+        # ggml's own hook sets RULE_LAUNCH_COMPILE when it finds ccache; the launchers below are explicit
+        # instead, one per language, CUDA included, and absent when ccache is.
+        ("-DGGML_CCACHE=OFF", "ccache is set per language below (CUDA included) instead of by ggml's own hook"),
+    ]
+    ccache = f.get("ccache") or ""
+    if ccache:
+        flags += [(f"-DCMAKE_C_COMPILER_LAUNCHER={ccache}", "ccache for C"),
+                  (f"-DCMAKE_CXX_COMPILER_LAUNCHER={ccache}", "ccache for C++")]
+        if b["cuda"]:
+            flags.append((f"-DCMAKE_CUDA_COMPILER_LAUNCHER={ccache}",
+                          "ccache for nvcc too: the CUDA objects are most of the build time"))
+    if b["cuda"]:
+        cc, cxx = tc["cc"], tc["cxx"]
+    else:
+        cc, cxx = f.get("cc_path") or "", f.get("cxx_path") or ""
+    if cc:
+        flags.append((f"-DCMAKE_C_COMPILER={cc}", "explicit, so a changed compiler is seen and reconfigured"))
+    if cxx:
+        flags.append((f"-DCMAKE_CXX_COMPILER={cxx}", "explicit, so a changed compiler is seen and reconfigured"))
+    if b["cuda"]:
+        arch, _ = architecture(facts, cfg)
+        flags += [
+            (f"-DCMAKE_CUDA_COMPILER={tc['nvcc']}", "this nvcc, not whichever is first on PATH"),
+            (f"-DCMAKE_CUDA_HOST_COMPILER={tc['host']}",
+             "nvcc's host compiler: CUDA 12.9 rejects gcc 15 (Fedora 42's default), so step 3's gcc-14"),
+            (f"-DCMAKE_CUDA_ARCHITECTURES={arch}", "only the card's architecture: a fraction of the all-arch build time"),
+        ]
+    for extra in b.get("cmake_extra") or []:
+        flags.append((f"-D{extra}", "build.cmake_extra"))
+    return flags
+
+
+def _bfact(facts: dict) -> dict:
+    f = facts.get("build")
+    return f if isinstance(f, dict) else {}
+
+
+def plan(facts: dict, cfg: dict) -> dict[str, Any]:
+    """Everything apply does, decided from facts and config: paths, cmake arguments, jobs, env."""
+    b = cfg["build"]
+    f = _bfact(facts)
+    home = facts.get("home") if isinstance(facts.get("home"), str) and facts.get("home") != UNKNOWN else ""
+    src = expand_home(b["src_dir"], home) if home else b["src_dir"]
+    bld = expand_home(b["build_dir"], home) if home else b["build_dir"]
+    pin = configmod.fork_pin(cfg)
+    tc = toolchain(cfg)
+    generator = "Ninja" if f.get("ninja") else "Unix Makefiles"
+    flags = cmake_flags(facts, cfg)
+    args = [a for a, _ in flags]
+    compilers = {"cc": f.get("cc_version") or "", "cxx": f.get("cxx_version") or ""}
+    if b["cuda"]:
+        compilers["nvcc"] = f.get("nvcc_version") or ""
+    fingerprint = {"src_dir": src, "generator": generator, "cmake_args": args, "compilers": compilers}
+    if b["cuda"] and str(b["cuda_architectures"]) == "native":
+        # `native` resolves at configure time: a different card must reconfigure.
+        fingerprint["gpu_archs"] = gpu_archs(facts)
+    mem = facts.get("mem")
+    avail = mem.get("available_mib") if isinstance(mem, dict) else UNKNOWN
+    jobs, jobs_why = choose_jobs(facts.get("cores"), avail, b["mem_per_job_gb"], b["jobs"])
+    env: dict[str, str] = {}
+    path_prefix: list[str] = []
+    if b["cuda"]:
+        if tc["source"] == "steps 2-3":
+            path_prefix = _steps_path_prefix(facts, cfg)
+        path_prefix.append(posixpath.dirname(tc["nvcc"]))
+    login_path = f.get("path") or "/usr/local/bin:/usr/bin:/bin"
+    if path_prefix:
+        env["PATH"] = ":".join(dict.fromkeys(path_prefix + login_path.split(":")))
+    if f.get("ccache"):
+        if b.get("ccache_dir"):
+            env["CCACHE_DIR"] = expand_home(b["ccache_dir"], home) if home else b["ccache_dir"]
+        # Paths below the common parent of source and build are hashed relative, so a tree that moved
+        # (or a sandbox with other paths) still hits the cache.
+        base = posixpath.commonpath([src, bld]) if src.startswith("/") and bld.startswith("/") else ""
+        if base and base != "/":
+            env["CCACHE_BASEDIR"] = base
+    login = facts.get("user", {}).get("name") if isinstance(facts.get("user"), dict) else ""
+    owner = cfg.get("user") or login or ""
+    as_user = owner if cfg.get("user") and login and cfg["user"] != login else ""
+    arch, arch_why = architecture(facts, cfg) if b["cuda"] else ("", "CPU-only build (build.cuda = false)")
+    return {"src": src, "build": bld, "sha": pin["sha"], "profile": pin.get("profile", ""),
+            "dialect": pin.get("dialect", ""), "url": b["repo_url"], "targets": list(b["targets"]),
+            "generator": generator, "flags": flags, "args": args, "compilers": compilers,
+            "fingerprint": fingerprint, "jobs": jobs, "jobs_why": jobs_why, "env": env, "owner": owner,
+            "as_user": as_user, "toolchain": tc, "arch": arch, "arch_why": arch_why}
+
+
+def _steps_path_prefix(facts: dict, cfg: dict) -> list[str]:
+    """The shim directory first on PATH (step 3), from the compiler helper when it offers build_env."""
+    try:
+        from . import compiler as compstep
+        fn = getattr(compstep, "build_env", None)
+        if fn is not None:
+            path = (fn(facts, cfg) or {}).get("PATH", "")
+            return [p for p in path.split(":") if p and p != "$PATH"]
+    except Exception:  # not there yet: the same value, derived from config
+        pass
+    return [cfg["compiler"]["shim_dir"]]
+
+
+def configure_argv(p: dict) -> list[str]:
+    return ["cmake", "-S", p["src"], "-B", p["build"], "-G", p["generator"], *p["args"]]
+
+
+def build_argv(p: dict) -> list[str]:
+    return ["cmake", "--build", p["build"], "--target", *p["targets"], "--parallel", str(p["jobs"])]
+
+
+def names_commit(version_text: str, sha: str) -> bool:
+    """Does `--version` output name this commit? ("commit abc1234" in the fork, "(abc1234)" upstream-old.)
+
+    >>> names_commit("version: 1.2.0 (build 10018, commit a6f3d36)", "a6f3d363e4c6a672803d0e6e036f8a75cf43d0ae")
+    True
+    >>> names_commit("version: 0 (unknown)", "a6f3d363e4c6a672803d0e6e036f8a75cf43d0ae")
+    False
+    """
+    for tok in re.findall(r"\b[0-9a-f]{7,40}\b", version_text or ""):
+        if sha.startswith(tok):
+            return True
+    return False
+
+
+def stamp_differences(stamp: Any, p: dict) -> list[str]:
+    """Why the recorded build is not the wanted one ([] = it is)."""
+    if not isinstance(stamp, dict):
+        return ["no build stamp (never built by gpubox, or the last build did not finish)"]
+    why = []
+    if stamp.get("sha") != p["sha"]:
+        why.append(f"built from {str(stamp.get('sha'))[:12]}, pinned {p['sha'][:12]}")
+    if stamp.get("generator") != p["generator"]:
+        why.append(f"generator {stamp.get('generator')} -> {p['generator']}")
+    old, new = stamp.get("cmake_args") or [], p["args"]
+    if old != new:
+        gone = [a for a in old if a not in new]
+        added = [a for a in new if a not in old]
+        why.append("cmake arguments changed: " + ", ".join([f"-{a}" for a in gone] + [f"+{a}" for a in added])
+                   if gone or added else "cmake argument order changed")
+    if (stamp.get("compilers") or {}) != p["compilers"]:
+        why.append(f"compilers changed: {stamp.get('compilers')} -> {p['compilers']}")
+    fp_archs = p["fingerprint"].get("gpu_archs")
+    if fp_archs is not None and stamp.get("gpu_archs") != fp_archs:
+        why.append(f"native architecture changed: {stamp.get('gpu_archs')} -> {fp_archs}")
+    missing = [t for t in p["targets"] if t not in (stamp.get("targets") or [])]
+    if missing:
+        why.append("targets not built yet: " + ", ".join(missing))
+    return why
+
+
+def _configured_fp(f: dict) -> Any:
+    c = f.get("configured")
+    return c.get("fingerprint") if isinstance(c, dict) else None
+
+
+def fingerprint_differences(old: Any, new: dict) -> list[str]:
+    if not isinstance(old, dict):
+        return ["no record of the cached configuration's inputs"]
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def patch_state(facts: dict, cfg: dict) -> tuple[bool, str]:
+    """(ok to configure a CUDA build, why). glibc >= 2.41 needs step 4's header patch (CUDA 12.9)."""
+    glibc = facts.get("glibc")
+    needs = _version_tuple(glibc) >= (2, 41)
+    if toolchain(cfg)["source"] == "config":
+        return True, (f"CUDA from build.nvcc: its header is not step 4's to patch (glibc {glibc}"
+                      + (", which CUDA < 13 headers need patched for" if needs else "") + ")")
+    if not needs:
+        return True, f"glibc {glibc} < 2.41: the CUDA header needs no patch"
+    try:
+        from . import patch as patchstep
+        pc = patchstep.check(facts, cfg)
+    except StepError as e:
+        return False, f"cannot confirm step 4's header patch ({str(e).splitlines()[0]})"
+    except Exception as e:  # a broken helper module is a refusal, not a crash of the plan
+        return False, f"cannot confirm step 4's header patch ({type(e).__name__}: {e})"
+    if pc.satisfied:
+        return True, "step 4: the CUDA header is patched for glibc " + str(glibc)
+    return False, (f"step 4: the CUDA header is not patched for glibc {glibc} ("
+                   + "; ".join(c.what for c in pc.changes) + ")")
 
 
 def check(facts: dict, cfg: dict) -> Check:
-    raise StepError(f"{NAME}: not implemented yet (issue #5)", "skip it with --skip build")
+    b = cfg["build"]
+    f = _bfact(facts)
+    p = plan(facts, cfg)
+    tc = p["toolchain"]
+    info: dict[str, Any] = {
+        "sha": p["sha"], "profile": p["profile"], "url": p["url"], "src_dir": p["src"], "build_dir": p["build"],
+        "targets": p["targets"], "jobs": p["jobs"], "jobs_why": p["jobs_why"], "generator": p["generator"],
+        "ccache": f.get("ccache_version") or "not found (every build compiles from scratch)",
+        "cuda": "on" if b["cuda"] else "off (build.cuda = false: CPU-only build)",
+        "stamp": f"{p['build']}/{STAMP_FILE}", "dialect_file": f"{p['build']}/{DIALECT_FILE}",
+    }
+    attention: list[str] = []
+    warnings: list[str] = []
+    changes: list[Change] = []
+    if not f:
+        return Check.todo([Change("read the build state", "the build fact could not be read")], info=info)
+    if b["cuda"]:
+        info["arch"] = p["arch"]
+        info["arch_why"] = p["arch_why"]
+        info["toolchain"] = (f"{tc['source']}: nvcc {tc['nvcc']} ({f.get('nvcc_version') or 'not found'}), "
+                             f"host compiler {tc['host']} ({f.get('cxx_version') or 'not found'})")
+        if tc["source"] == "config":
+            attention.append(f"CUDA toolchain from config, not steps 2-3: build.nvcc={b['nvcc'] or '(cuda.prefix)'}, "
+                             f"build.host_compiler={b['host_compiler'] or '(step 3)'}")
+        if p["arch"] != "native" and str(b["cuda_architectures"]) == "native":
+            warnings.append(p["arch_why"])
+        if not f.get("nvcc_version"):
+            attention.append(f"nvcc not found at {tc['nvcc']}: run step cuda, or set build.nvcc")
+        if not f.get("cxx_version"):
+            attention.append(f"host compiler {tc['host']} not found: run step compiler, or set build.host_compiler")
+        ok, why = patch_state(facts, cfg)
+        info["header_patch"] = why
+        if not ok:
+            attention.append(why + ": the build refuses to configure (run step patch first)")
+    for tool in ("git", "cmake"):
+        if not f.get(tool):
+            attention.append(f"{tool} not found on the host: install it (dnf install git cmake ninja-build ccache)")
+    if not f.get("ninja"):
+        warnings.append("ninja not found: the Makefile generator is used (install ninja-build for faster builds)")
+
+    # Source.
+    src_state = f.get("src")
+    clone_cmds = [cmd(["git", "clone", "--no-checkout", "--", p["url"], p["src"]]),
+                  cmd(["git", "-C", p["src"], "checkout", "--detach", p["sha"]])]
+    if src_state in ("missing", "empty"):
+        changes.append(Change(f"clone {p['url']} at {p['sha'][:12]}", f"no checkout in {p['src']}", clone_cmds))
+    elif src_state == "other":
+        attention.append(f"{p['src']} exists and is not a git checkout: gpubox will not overwrite it "
+                         "(move it away or set build.src_dir)")
+        changes.append(Change(f"check out {p['sha'][:12]} in {p['src']}", "the directory is not a git checkout"))
+    else:
+        head = f.get("head", "")
+        dirty = f.get("dirty") or []
+        if dirty:
+            note = f"{p['src']} has local changes ({', '.join(dirty[:5])}{' ...' if len(dirty) > 5 else ''})"
+            (attention if head != p["sha"] else warnings).append(note + ": gpubox does not overwrite them")
+        if f.get("origin") and f["origin"] != p["url"]:
+            warnings.append(f"origin of {p['src']} is {f['origin']}; gpubox fetches from build.repo_url {p['url']}")
+        if head != p["sha"]:
+            cmds = [] if f.get("has_sha") else [cmd(["git", "-C", p["src"], "fetch", "--tags", "--", p["url"],
+                                                     "+refs/heads/*:refs/remotes/gpubox/*"])]
+            cmds.append(cmd(["git", "-C", p["src"], "checkout", "--detach", p["sha"]]))
+            why = f"HEAD is {head[:12] or 'unknown'}"
+            if not f.get("head_on_ref") and head:
+                attention.append(f"HEAD of {p['src']} ({head[:12]}) is on no branch or tag: checking out the pin "
+                                 "would orphan it, so gpubox refuses")
+                why += " (on no branch or tag)"
+            changes.append(Change(f"check out {p['sha'][:12]}", why, cmds))
+
+    # Build.
+    why = stamp_differences(f.get("stamp"), p)
+    missing = [t for t in p["targets"] if t not in (f.get("bins") or [])]
+    if missing and not why:
+        why.append("binaries missing: " + ", ".join(missing))
+    if not why and SERVER in p["targets"]:
+        if f.get("version_rc", 1) != 0:
+            why.append(f"{SERVER} --version fails (exit {f.get('version_rc')}): {f.get('version_tail', '')}".strip())
+        elif not names_commit(f.get("version", ""), p["sha"]):
+            why.append(f"{SERVER} --version does not name {p['sha'][:12]}: {f.get('version', '')}")
+    if why:
+        old_fp = _configured_fp(f)
+        if f.get("cmakecache") and old_fp != p["fingerprint"]:
+            changes.append(Change("reconfigure from scratch (delete CMakeCache.txt and CMakeFiles)",
+                                  "cmake inputs changed: " + "; ".join(fingerprint_differences(old_fp, p["fingerprint"])),
+                                  [cmd(["rm", "-rf", f"{p['build']}/CMakeCache.txt", f"{p['build']}/CMakeFiles"]),
+                                   cmd(configure_argv(p))]))
+        elif not f.get("cmakecache") or not f.get("generated"):
+            changes.append(Change("configure", "not configured yet", [cmd(configure_argv(p))]))
+        changes.append(Change(f"build {', '.join(p['targets'])} with {p['jobs']} jobs", "; ".join(why),
+                              [cmd(build_argv(p))]))
+    if not f.get("dialect") and not why:
+        changes.append(Change(f"store {SERVER}'s flag dialect", f"no {DIALECT_FILE} next to the stamp",
+                              [cmd([f"{p['build']}/bin/{SERVER}", "--help"])]))
+    stamp = f.get("stamp") if isinstance(f.get("stamp"), dict) else {}
+    if stamp:
+        info["built"] = {k: stamp.get(k) for k in ("sha", "built_at", "arch_line", "jobs", "build_seconds",
+                                                    "build_cpu_seconds", "dialect") if k in stamp}
+    if f.get("version"):
+        info["version"] = f["version"]
+    return Check(not changes, changes, attention, warnings, info)
 
 
-def apply(host, facts: dict, cfg: dict, check: Check):
-    raise StepError(f"{NAME}: not implemented yet (issue #5)", "skip it with --skip build")
+# --- apply --------------------------------------------------------------------------------------------
+
+class Progress:
+    """Turns Ninja's `[n/N]` lines into a few progress lines; every line still goes to the step log."""
+
+    def __init__(self, echo: Callable[[str], None] = print, log: Callable[[str], None] | None = None,
+                 every_pct: int = 10, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.echo, self.log, self.every_pct, self.every_s, self.clock = echo, log, every_pct, every_s, clock
+        self.t0 = clock()
+        self.last_t = self.t0
+        self.last_pct = -1
+        self.done = self.total = 0
+        self.failed: list[str] = []
+        self.lines = 0
+
+    def __call__(self, line: str) -> None:
+        self.lines += 1
+        if self.log:
+            self.log(line)
+        if line.startswith("FAILED:"):
+            self.failed.append(line)
+        m = NINJA_RE.match(line)
+        if m:
+            self.done, self.total = int(m.group(1)), int(m.group(2))
+            pct = 100 * self.done // max(1, self.total)
+        else:
+            m = MAKE_RE.match(line)
+            if not m:
+                return
+            pct = int(m.group(1))
+            self.done, self.total = pct, 100
+        now = self.clock()
+        if pct // self.every_pct > self.last_pct // self.every_pct or now - self.last_t >= self.every_s \
+                or self.done == self.total:
+            self.last_pct, self.last_t = pct, now
+            self.echo(f"[{NAME}] {self.done}/{self.total} ({pct}%) {_mmss(now - self.t0)}")
+
+
+def _mmss(s: float) -> str:
+    return f"{int(s) // 60}m{int(s) % 60:02d}s"
+
+
+def parse_times(text: str) -> tuple[float, float] | None:
+    """The children's (user, sys) seconds from bash's `times` output after a `@@times` marker.
+
+    >>> parse_times("x\\n@@times\\n0m0.010s 0m0.002s\\n12m3.500s 1m2.000s\\n")
+    (723.5, 62.0)
+    """
+    _, sep, tail = text.rpartition("@@times")
+    if not sep:
+        return None
+    rows = re.findall(r"(\d+)m([\d.]+)s\s+(\d+)m([\d.]+)s", tail)
+    if len(rows) < 2:
+        return None
+    u = int(rows[1][0]) * 60 + float(rows[1][1])
+    s = int(rows[1][2]) * 60 + float(rows[1][3])
+    return round(u, 3), round(s, 3)
+
+
+def _argv(p: dict, argv: list[str], env: dict[str, str] | None = None) -> list[str]:
+    """As the tree's owner (sudo -u) when gpubox.user differs from the login user; env set inside."""
+    env = env or {}
+    pre = ["env", *[f"{k}={v}" for k, v in env.items()]] if env else []
+    if p["as_user"]:
+        return ["sudo", "-n", "-u", p["as_user"], "--", *pre, *argv]
+    return [*pre, *argv]
+
+
+def _ensure_dir(host, p: dict, path: str) -> None:
+    if host.ok(_argv(p, ["mkdir", "-p", path])):
+        return
+    # The parent (e.g. /opt/gpubox) is not writable by the tree's owner: create it as root, owned by them.
+    host.run(["install", "-d", "-o", p["owner"], path], root=True)
+
+
+def _write(host, p: dict, path: str, content: str) -> None:
+    if p["as_user"]:
+        host.write_file(path, content, owner=p["as_user"], root=True)
+    else:
+        host.write_file(path, content)
+
+
+def _fail(cause: str, fix: str, e: CommandFailed) -> StepError:
+    return StepError(cause, fix, command=e.command, exited=e.exited, output=e.tail())
+
+
+def ensure_source(host, p: dict, f: dict) -> list[str]:
+    """Clone/fetch/check out the pin. Never deletes or overwrites anything; returns notes."""
+    src, url, sha = p["src"], p["url"], p["sha"]
+    notes: list[str] = []
+    state = f.get("src")
+    keep = "nothing was removed"
+    if state == "other":
+        raise StepError(f"{NAME}: {src} exists and is not a git checkout; gpubox will not overwrite it",
+                        "move it away, or set build.src_dir to another path")
+    if state in ("missing", "empty"):
+        _ensure_dir(host, p, posixpath.dirname(src.rstrip("/")) or "/")
+        try:
+            # A full clone (no --depth): the build embeds the commit count, which a shallow clone gets wrong.
+            host.run(_argv(p, ["git", "clone", "--no-checkout", "--", url, src]))
+        except CommandFailed as e:
+            raise _fail(f"{NAME}: cannot clone {url} (build.repo_url): " + (e.tail(1) or "git clone failed"),
+                        f"check build.repo_url (a git URL, an absolute path or a file:// URL) and the network; {keep}",
+                        e) from None
+        f = dict(f, src="git", head="", dirty=[], head_on_ref=True, has_sha=False)
+    else:
+        if f.get("dirty") and f.get("head") != sha:
+            raise StepError(f"{NAME}: {src} has local changes ({', '.join(f['dirty'][:5])}); gpubox does not "
+                            "overwrite them", f"commit or stash them (git -C {src} stash), or set build.src_dir to "
+                            "a clean clone")
+        if f.get("dirty"):
+            raise StepError(f"{NAME}: {src} is at the pinned commit but has local changes "
+                            f"({', '.join(f['dirty'][:5])}): the binary would not be the pinned commit",
+                            f"git -C {src} stash (or commit) them, or set build.src_dir to a clean clone")
+        if f.get("head") and f.get("head") != sha and not f.get("head_on_ref"):
+            raise StepError(f"{NAME}: HEAD of {src} ({f['head'][:12]}) is on no branch or tag; checking out the "
+                            "pin would orphan it", f"keep it on a branch first (git -C {src} branch keep "
+                            f"{f['head'][:12]}), then run again")
+    git = ["git", "-C", src]
+    has = host.ok(_argv(p, [*git, "cat-file", "-e", f"{sha}^{{commit}}"]))
+    if not has:
+        try:
+            host.run(_argv(p, [*git, "fetch", "--tags", "--", url, "+refs/heads/*:refs/remotes/gpubox/*"]))
+        except CommandFailed as e:
+            raise _fail(f"{NAME}: cannot fetch from {url} (build.repo_url): " + (e.tail(1) or "git fetch failed"),
+                        f"check build.repo_url and the network; the checkout in {src} is unchanged, {keep}", e) from None
+        has = host.ok(_argv(p, [*git, "cat-file", "-e", f"{sha}^{{commit}}"]))
+        if not has:
+            # A commit no branch or tag holds (e.g. a pull request's): ask for it by name.
+            host.run(_argv(p, [*git, "fetch", "--", url, sha]), check=False)
+            has = host.ok(_argv(p, [*git, "cat-file", "-e", f"{sha}^{{commit}}"]))
+        if not has:
+            raise StepError(f"{NAME}: commit {sha} is not in {url}",
+                            "check build.sha / build.profile (a full 40-hex SHA of that repository) and "
+                            f"build.repo_url; {keep}")
+        notes.append(f"fetched {url}")
+    if f.get("head") != sha:
+        try:
+            host.run(_argv(p, [*git, "-c", "advice.detachedHead=false", "checkout", "--detach", sha]))
+        except CommandFailed as e:
+            raise _fail(f"{NAME}: cannot check out {sha[:12]} in {src}",
+                        "untracked files in the way? move them, or use a clean build.src_dir", e) from None
+        notes.append(f"checked out {sha[:12]}")
+    return notes
+
+
+def configure(host, p: dict, f: dict) -> dict:
+    """Configure when needed; from scratch when the recorded inputs differ. Returns the configure record."""
+    bld = p["build"]
+    old = f.get("configured") if isinstance(f.get("configured"), dict) else {}
+    fresh = old.get("fingerprint") != p["fingerprint"]
+    if not fresh and f.get("cmakecache") and f.get("generated"):
+        return old
+    _ensure_dir(host, p, bld)
+    if fresh and (f.get("cmakecache") or old):
+        # CMake keeps the compiler, CUDA path and architectures of an existing cache whatever -D says:
+        # only a cache deleted first takes the new values. Objects stay; Ninja rebuilds what changed.
+        host.run(_argv(p, ["rm", "-rf", f"{bld}/CMakeCache.txt", f"{bld}/CMakeFiles", f"{bld}/{CONFIGURE_FILE}"]))
+    try:
+        res = host.run(_argv(p, configure_argv(p), p["env"]))
+    except CommandFailed as e:
+        raise _fail(f"{NAME}: cmake configure failed: " + (_first_error(e.stdout + "\n" + e.stderr) or e.tail(1)),
+                    "see the output below and the step log; a wrong build.nvcc/build.host_compiler or a missing "
+                    "package (cuda, gcc) is the usual cause", e) from None
+    text = (res.stdout or "") + "\n" + (res.stderr or "")
+    m = ARCH_LINE_RE.search(text)
+    rec = {"fingerprint": p["fingerprint"], "arch_line": m.group(0) if m else "",
+           "configured_at": _dt.datetime.now().isoformat(timespec="seconds")}
+    _write(host, p, f"{bld}/{CONFIGURE_FILE}", json.dumps(rec, sort_keys=True) + "\n")
+    return rec
+
+
+def _first_error(text: str) -> str:
+    for line in text.splitlines():
+        if "CMake Error" in line or line.startswith("FAILED:") or "error:" in line or "fatal" in line:
+            return line.strip()
+    return ""
+
+
+def compile_targets(host, p: dict, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the build with progress; returns wall/CPU seconds. A failure names the first failed edge."""
+    script = cmd(build_argv(p)) + '; rc=$?; echo "@@times"; times; exit $rc'
+    progress = Progress(echo=echo, log=getattr(host, "log", None))
+    echo(f"[{NAME}] building {', '.join(p['targets'])}: {p['jobs']} jobs ({p['jobs_why']})")
+    t0 = time.monotonic()
+    try:
+        res = host.run(_argv(p, ["bash", "-c", script], p["env"]), stream=progress)
+    except CommandFailed as e:
+        out = e.stdout + "\n" + e.stderr
+        oom = bool(OOM_RE.search(out))
+        first = progress.failed[0] if progress.failed else _first_error(out)
+        fix = ("a compiler was killed (out of memory?): lower build.jobs or raise build.mem_per_job_gb, then run "
+               "again; the build continues where it stopped" if oom else
+               "see the output below and the step log; after fixing the cause, run again: the build continues")
+        lines = [ln for ln in out.splitlines() if "error" in ln.lower() or ln.startswith("FAILED")][-12:]
+        raise StepError(f"{NAME}: building {', '.join(p['targets'])} failed at {progress.done}/{progress.total}: "
+                        f"{first}", fix, command=e.command, exited=e.exited,
+                        output="\n".join(lines) or e.tail()) from None
+    wall = time.monotonic() - t0
+    times = parse_times(res.stdout or "")
+    cpu = round(sum(times), 3) if times else None
+    echo(f"[{NAME}] built in {_mmss(wall)}" + (f", {cpu / 60:.1f} CPU-minutes" if cpu else "")
+         + (f" ({progress.total} edges)" if progress.total else " (nothing to do)"))
+    return {"build_seconds": round(wall, 3), "build_cpu_seconds": cpu, "edges": progress.total}
+
+
+def record(host, p: dict, timing: dict, conf: dict) -> list[str]:
+    """--version must name the pin; parse --help into the dialect file; then write the stamp."""
+    notes: list[str] = []
+    bld = p["build"]
+    server = f"{bld}/bin/{SERVER}"
+    stamp: dict[str, Any] = {
+        "version": STAMP_VERSION, "sha": p["sha"], "profile": p["profile"], "url": p["url"],
+        "generator": p["generator"], "cmake_args": p["args"], "compilers": p["compilers"],
+        "targets": p["targets"], "jobs": p["jobs"], "jobs_why": p["jobs_why"],
+        "arch_line": conf.get("arch_line", ""), "built_at": _dt.datetime.now().isoformat(timespec="seconds"),
+        **timing,
+    }
+    if "gpu_archs" in p["fingerprint"]:
+        stamp["gpu_archs"] = p["fingerprint"]["gpu_archs"]
+    if SERVER in p["targets"]:
+        v = host.run(_argv(p, [server, "--version"]), check=False, timeout=120)
+        vtext = ((v.stdout or "") + "\n" + (v.stderr or "")).strip()
+        if v.exited != 0:
+            raise StepError(f"{NAME}: the built {SERVER} does not run (--version exit {v.exited}): "
+                            + (vtext.splitlines()[-1] if vtext else ""),
+                            f"ldd {server} shows missing libraries; a CUDA build needs the NVIDIA driver loaded "
+                            "(after the reboot of step 1)", output=vtext)
+        if not names_commit(vtext, p["sha"]):
+            raise StepError(f"{NAME}: the built {SERVER} does not name the pinned commit {p['sha'][:12]}: "
+                            + next((ln for ln in vtext.splitlines() if ln.startswith("version")), vtext[:200]),
+                            f"the source tree at {p['src']} lost its .git, or was changed; delete {bld} and run again")
+        stamp["server_version"] = next((ln for ln in vtext.splitlines() if ln.startswith("version")), "")
+        h = host.run(_argv(p, [server, "--help"]), check=False, timeout=120)
+        help_text = (h.stdout or "") + (h.stderr or "")
+        if "--" not in help_text:
+            raise StepError(f"{NAME}: {SERVER} --help printed no options (exit {h.exited})",
+                            "run it by hand and look at the output", output=help_text)
+        from ..serve import helptext
+        parsed = helptext.parse(help_text)
+        stamp["dialect"] = parsed.get("dialect")
+        if p["dialect"] and parsed.get("dialect") != p["dialect"]:
+            notes.append(f"{SERVER} speaks the {parsed.get('dialect')} dialect, profile {p['profile']!r} expects "
+                         f"{p['dialect']}: the serve step renders flags for what the binary accepts")
+        _write(host, p, f"{bld}/{HELP_FILE}", help_text)
+        _write(host, p, f"{bld}/{DIALECT_FILE}", helptext.to_json(parsed, binary=server, sha=p["sha"],
+                                                                  version=stamp["server_version"]) + "\n")
+    stamp["dialect_file"] = f"{bld}/{DIALECT_FILE}"
+    _write(host, p, f"{bld}/{STAMP_FILE}", json.dumps(stamp, sort_keys=True) + "\n")
+    return notes
+
+
+def apply(host, facts: dict, cfg: dict, check: Check, echo: Callable[[str], None] = print):
+    b = cfg["build"]
+    f = _bfact(facts)
+    p = plan(facts, cfg)
+    for tool in ("git", "cmake"):
+        if not f.get(tool):
+            raise StepError(f"{NAME}: {tool} is not installed on {host.name}",
+                            "install the build tools: dnf install git cmake ninja-build ccache")
+    if b["cuda"]:
+        tc = p["toolchain"]
+        if not f.get("nvcc_version"):
+            raise StepError(f"{NAME}: nvcc not found at {tc['nvcc']}",
+                            "run step cuda first, or set build.nvcc to the nvcc to use")
+        if not f.get("cxx_version"):
+            raise StepError(f"{NAME}: the host compiler {tc['host']} is not installed",
+                            "run step compiler first, or set build.host_compiler")
+        ok, why = patch_state(facts, cfg)
+        if not ok:
+            raise StepError(f"{NAME}: refusing to configure a CUDA build: {why}",
+                            "run step patch first (invoke patch), then build again")
+    notes = ensure_source(host, p, f)
+    _ensure_dir(host, p, p["build"])
+    # No stamp while building: an interrupted build must not look finished.
+    host.run(_argv(p, ["rm", "-f", f"{p['build']}/{STAMP_FILE}"]))
+    conf = configure(host, p, f)
+    if conf.get("arch_line"):
+        echo(f"[{NAME}] {conf['arch_line']}")
+    timing = compile_targets(host, p, echo=echo)
+    notes += record(host, p, timing, conf)
+    return [n for n in notes if not n.startswith(("fetched", "checked out"))]
