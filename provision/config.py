@@ -251,6 +251,12 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     # models
     want_path("models.dir")
     want_int("models.reserve_gb", 0)
+    want_bool("models.update")
+    want_int("models.metadata_timeout", 1, 600)
+    want_int("models.progress_interval", 1, 3600)
+    hp = get("models.hf_package")
+    if hp is not None and not (isinstance(hp, str) and PKG_RE.match(hp)):
+        bad("models.hf_package", hp, "must be a package name (letters, digits, . _ + -)")
     files = get("models.files") or {}
     if not isinstance(files, dict) or not files:
         bad("models.files", files, "must map names to {repo, filename, revision, sha256}")

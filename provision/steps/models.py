@@ -1,19 +1,389 @@
-"""Step: GGUF model and MTP assistant head.
+"""Step 6: the model GGUF and its MTP assistant head, pinned, verified, resumable, locked.
 
-Not implemented yet (issue #6): check() reports that as a failure, never as success."""
+Facts (one python3 run inside the fact script, no network in the steady state):
+  * the lock file (<state_dir>/gpubox.lock.json), each file's size/mtime/owner, any partial file,
+    free disk at models.dir, whether huggingface_hub is importable;
+  * the Hub's metadata (size, commit, sha256) ONLY for files the lock does not describe, or for all
+    of them with models.update=true: one HEAD each, bounded by models.metadata_timeout (unreachable ->
+    size "unknown"; plan still works offline).
+
+check(): a file is done when the lock describes it (same repo/filename/revision, or revision = its
+commit) and its size and mtime are those recorded when it was verified; the hash is then taken from
+the lock, not recomputed (`invoke verify --deep` re-hashes). A second provision therefore makes no
+request and transfers nothing. The assistant's recorded general.architecture must be the fork
+profile's (gemma4_assistant pre-sync, gemma4-assistant post-sync).
+
+apply(): sends provision/fetch.py over SSH (stdin) and runs it on the target, where the files
+belong; it resumes partial files, verifies sha256 while downloading, and reports @@progress lines
+that are rendered here (a bar on a terminal, plain lines otherwise). Then the lock is written.
+
+The Hub endpoint and token: HF_ENDPOINT and HF_TOKEN of the controller's environment are passed on
+(the token inside the stdin JSON, never on a command line or in a log); without them the target's
+own environment / token file applies. models.update=true (--set models.update=true) moves the lock
+to what the configured revision points at now.
+"""
 
 from __future__ import annotations
 
-from ..engine import Check, StepError
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .. import config as cfgmod
+from .. import fetch as fetchmod
+from .. import lockfile
+from ..engine import Change, Check, StepError, require_fedora
+from ..facts import UNKNOWN, Fact, qpath
 
 NAME = "models"
 TITLE = "GGUF model and MTP assistant head"
-FACTS: list = []
+
+# Runs on the target inside the fact script: argv[1] = JSON args, argv[2] = models dir, argv[3] = lock path.
+_FACT_PY = r'''
+import json, os, sys, pwd
+a = json.loads(sys.argv[1]); d = sys.argv[2]; lockp = sys.argv[3]
+out = {"dir": d, "files": {}, "lock": None, "remote": {}, "free": None, "hf": None, "owner_uid": None}
+try:
+    out["owner_uid"] = (pwd.getpwnam(a["owner"]) if a["owner"] else pwd.getpwuid(os.geteuid())).pw_uid
+except KeyError:
+    pass
+try:
+    with open(lockp) as fh:
+        out["lock"] = json.load(fh)
+except FileNotFoundError:
+    pass
+except Exception as e:
+    out["lock"] = {"_error": "%s: %s" % (type(e).__name__, e)}
+p = d
+while not os.path.exists(p):
+    p = os.path.dirname(p) or "/"
+try:
+    st = os.statvfs(p); out["free"] = st.f_bavail * st.f_frsize
+except OSError:
+    pass
+models = (out["lock"] or {}).get("models", {}) if isinstance(out["lock"], dict) else {}
+need = []
+for k, f in a["files"].items():
+    fp = os.path.join(d, f["filename"]); pp = os.path.join(d, "." + f["filename"] + ".gpubox-partial")
+    e = {}
+    try:
+        s = os.stat(fp); e.update(size=s.st_size, mtime_ns=s.st_mtime_ns, uid=s.st_uid)
+    except OSError:
+        pass
+    try:
+        e["partial"] = os.stat(pp).st_size
+    except OSError:
+        pass
+    out["files"][k] = e
+    le = models.get(k) if isinstance(models.get(k), dict) else {}
+    locked = le.get("repo") == f["repo"] and le.get("filename") == f["filename"] and f["revision"] in (le.get("revision"), le.get("commit"))
+    if a["update"] or not locked:
+        need.append(k)
+if a["endpoint"]:
+    os.environ["HF_ENDPOINT"] = a["endpoint"]
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+try:
+    import huggingface_hub as hh
+    from huggingface_hub import file_download as fd
+    out["hf"] = hh.__version__
+    hh.utils.disable_progress_bars()
+except Exception:
+    hh = None
+if hh is not None:
+    for k in need:
+        f = a["files"][k]
+        try:
+            m = fd.get_hf_file_metadata(hh.hf_hub_url(f["repo"], f["filename"], revision=f["revision"], endpoint=a["endpoint"] or None), timeout=a["timeout"])
+            out["remote"][k] = {"size": m.size, "commit": m.commit_hash, "sha256": (m.etag or "").strip('"')}
+        except Exception as e:
+            out["remote"][k] = {"error": type(e).__name__}
+print(json.dumps(out))
+'''
+
+
+def _endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "").strip()
+
+
+def _owner(cfg: dict) -> str:
+    return cfg.get("user") or ""
+
+
+def _models_fact_cmd(cfg: dict) -> str:
+    m = cfg["models"]
+    args = {"files": {k: {"repo": f["repo"], "filename": f["filename"], "revision": f["revision"]} for k, f in m["files"].items()},
+            "update": bool(m["update"]), "endpoint": _endpoint(), "timeout": m["metadata_timeout"], "owner": _owner(cfg)}
+    # One bounded python3 run; the timeout covers the HEAD requests when the lock does not answer.
+    limit = 2 * m["metadata_timeout"] * max(1, len(m["files"])) + 5
+    return (f"timeout {limit} python3 -c {shlex.quote(_FACT_PY)} {shlex.quote(json.dumps(args))} "
+            f"{qpath(m['dir'])} {qpath(lockfile.path(cfg))}")
+
+
+def _parse_models(out: str, rc: int):
+    if rc != 0:
+        return UNKNOWN
+    return json.loads(out.strip().splitlines()[-1])
+
+
+FACTS = [
+    Fact("models", _models_fact_cmd, _parse_models),
+    Fact("models_fork_head", lambda cfg: f"git -c safe.directory='*' -C {qpath(cfg['build']['src_dir'])} rev-parse HEAD",
+         lambda o, rc: o.strip() if rc == 0 and len(o.strip()) == 40 else UNKNOWN),
+]
+
+
+# --- decisions ---------------------------------------------------------------------------------------
+
+def human(n) -> str:
+    return fetchmod.human(n) if isinstance(n, int) else "unknown size"
+
+
+def draft_key(cfg: dict) -> str:
+    return cfg["serve"].get("draft_model") or ""
+
+
+def arch_fix(cfg: dict, actual: str) -> str:
+    """Which profile or revision to pick when the assistant's architecture does not match the build."""
+    pin = cfgmod.fork_pin(cfg)
+    want = pin.get("assistant_arch")
+    fitting = [n for n, p in cfg["build"]["profiles"].items() if p.get("assistant_arch") == actual]
+    key = draft_key(cfg) or "assistant"
+    parts = []
+    if fitting:
+        parts.append(f"build the fork that reads {actual!r}: --set build.profile={fitting[0]} "
+                     f"({cfg['build']['profiles'][fitting[0]].get('dialect')})")
+    parts.append(f"or keep build.profile={pin.get('profile')} and pin an assistant revision whose general.architecture is "
+                 f"{want!r}: --set models.files.{key}.revision=<commit> (post-sync builds need the regenerated assistant "
+                 "published after the fork's b10018 sync; pre-sync builds the earlier one), then run with "
+                 "--set models.update=true")
+    return "; ".join(parts)
+
+
+def plan_files(facts: dict, cfg: dict) -> dict:
+    """Per configured file: what is there, what the lock says, and what would be done."""
+    m = facts.get("models")
+    mcfg = cfg["models"]
+    pin = cfgmod.fork_pin(cfg)
+    lock = m.get("lock") if isinstance(m, dict) else None
+    lock_ok = isinstance(lock, dict) and lock.get("format") == lockfile.FORMAT
+    models = lock.get("models", {}) if lock_ok else {}
+    out = {}
+    for key, f in mcfg["files"].items():
+        st = (m.get("files") or {}).get(key, {}) if isinstance(m, dict) else {}
+        remote = (m.get("remote") or {}).get(key, {}) if isinstance(m, dict) else {}
+        e = models.get(key) if lockfile.matches(models.get(key), f) else None
+        pinned = (f.get("sha256") or "").lower()
+        size = (e or {}).get("size") or remote.get("size") or None
+        item = {"key": key, "filename": f["filename"], "repo": f["repo"], "revision": f["revision"], "lock": e,
+                "have": st.get("partial", 0) or 0, "size": size, "present": "size" in st, "remote": remote,
+                "expect_arch": pin.get("assistant_arch") if key == draft_key(cfg) else ""}
+        intact = bool(e and st.get("size") == e.get("size") and st.get("mtime_ns") == e.get("mtime_ns"))
+        moved = bool(mcfg["update"] and e and remote.get("commit") and remote["commit"] != e.get("commit"))
+        if intact and pinned and pinned != e.get("sha256"):
+            item.update(action="verify", why=f"models.files.{key}.sha256 {pinned[:12]}... differs from the lock's {e['sha256'][:12]}...")
+        elif intact and not moved:
+            item.update(action="ok")
+        elif moved:
+            item.update(action="download", why=f"{f['repo']} {f['revision']} moved from {e['commit'][:12]} to "
+                        f"{remote['commit'][:12]} (models.update=true)", size=remote.get("size"))
+            item["have"] = 0 if item["have"] and not remote.get("size") else item["have"]
+        elif e and "size" in st:
+            item.update(action="verify", why=f"changed on disk since it was locked (size {st['size']}, "
+                        f"locked {e.get('size')}): re-hash against the lock")
+        elif "size" in st:
+            item.update(action="verify", why=f"present but not in the lock: hash it and compare with the Hub's sha256")
+        elif item["have"]:
+            item.update(action="resume", why=f"{human(item['have'])} of {human(size)} already in the partial file")
+        else:
+            item.update(action="download", why="not present")
+        if remote.get("error"):
+            item["remote_error"] = remote["error"]
+        item["uid"] = st.get("uid")
+        out[key] = item
+    return out
 
 
 def check(facts: dict, cfg: dict) -> Check:
-    raise StepError(f"{NAME}: not implemented yet (issue #6)", "skip it with --skip models")
+    m = facts.get("models")
+    mcfg = cfg["models"]
+    lock_path = lockfile.path(cfg)
+    if not isinstance(m, dict):
+        return Check.todo([Change("inspect and download the model files",
+                                  "the models fact could not be read (is python3 installed on the target?)")],
+                          info={"lock": lock_path})
+    items = plan_files(facts, cfg)
+    changes: list[Change] = []
+    warnings: list[str] = []
+    attention: list[str] = []
+    to_fetch = 0
+    unknown = []
+    for key, it in items.items():
+        cmd = f"python3 -c <gpubox fetch> ({it['repo']}/{it['filename']}@{it['revision']} -> {mcfg['dir']})"
+        if it["action"] in ("download", "resume"):
+            left = (it["size"] - it["have"]) if isinstance(it["size"], int) else None
+            if left is None:
+                unknown.append(it["filename"])
+            else:
+                to_fetch += left
+            verb = "resume" if it["action"] == "resume" else "download"
+            changes.append(Change(f"{verb} {it['filename']} ({human(left) if left is not None else 'unknown size'})",
+                                  it["why"] + (f"; the Hub was not reachable for its size ({it['remote_error']})"
+                                               if it.get("remote_error") else ""), [cmd]))
+        elif it["action"] == "verify":
+            changes.append(Change(f"verify {it['filename']} (sha256 of {human(it['size'])})", it["why"], [cmd]))
+        if it["action"] == "ok" and it["lock"] and it["expect_arch"] and it["lock"].get("arch") != it["expect_arch"]:
+            changes.append(Change(f"{it['filename']}: general.architecture {it['lock'].get('arch')!r} does not match the "
+                                  f"fork build ({cfgmod.fork_pin(cfg).get('profile')}: {it['expect_arch']!r})",
+                                  arch_fix(cfg, it["lock"].get("arch"))))
+        owner_uid = m.get("owner_uid")
+        if it["action"] == "ok" and owner_uid is not None and it["uid"] is not None and it["uid"] != owner_uid:
+            changes.append(Change(f"chown {it['filename']} to {_owner(cfg) or 'the login user'}",
+                                  f"owned by uid {it['uid']}", [f"chown ... {mcfg['dir']}/{it['filename']}"]))
+    if not m.get("hf") and any(it["action"] != "ok" for it in items.values()):
+        changes.insert(0, Change(f"install {mcfg['hf_package']}", "huggingface_hub is not importable by the target's python3",
+                                 [f"dnf -y install {mcfg['hf_package']}"]))
+    free = m.get("free")
+    reserve = mcfg["reserve_gb"] * 1024 ** 3
+    if to_fetch and isinstance(free, int) and to_fetch + reserve > free:
+        warnings.append(f"not enough disk at {mcfg['dir']}: {human(to_fetch)} to download + {human(reserve)} reserve, "
+                        f"{human(free)} free: the download would stop before starting")
+    lock = m.get("lock")
+    if isinstance(lock, dict) and "_error" in lock:
+        warnings.append(f"{lock_path} is unreadable ({lock['_error']}): it will be rewritten")
+    new_box = lockfile.box(facts, cfg)
+    if not changes and not (isinstance(lock, dict) and lock.get("format") == lockfile.FORMAT and lock.get("box") == new_box):
+        changes.append(Change(f"record the box in {lock_path}", "the lock is missing or describes another state "
+                              "(fork, driver, CUDA, compiler)", [f"write {lock_path}"]))
+    info = {"lock": lock_path, "download_bytes": to_fetch, "unknown_size": unknown,
+            "files": {k: {"file": f"{mcfg['dir']}/{it['filename']}", "action": it["action"], "size": it["size"],
+                          "commit": (it["lock"] or {}).get("commit") or it["remote"].get("commit"),
+                          "sha256": (it["lock"] or {}).get("sha256")} for k, it in items.items()}}
+    if changes:
+        return Check.todo(changes, warnings=warnings, attention=attention, info=info)
+    return Check.done(warnings=warnings, attention=attention, info=info)
+
+
+# --- apply -------------------------------------------------------------------------------------------
+
+class Render:
+    """@@progress lines from the target -> a bar on a terminal, a plain line every interval otherwise."""
+
+    def __init__(self, interval: float, out=None):
+        self.out = out or sys.stdout
+        self.tty = hasattr(self.out, "isatty") and self.out.isatty()
+        self.interval = interval
+        self.last: dict[str, float] = {}
+        self.lines: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+        if line.startswith("@@progress "):
+            try:
+                p = json.loads(line[len("@@progress "):])
+            except ValueError:
+                return
+            done, total, rate = p["done"], p.get("total") or 0, p.get("rate") or 0
+            final = total and done >= total
+            now = time.monotonic()
+            if not self.tty and not final and now - self.last.get(p["file"], 0) < self.interval:
+                return
+            self.last[p["file"]] = now
+            pct = 100 * done / total if total else 0
+            text = (f"{p['file']}: {pct:5.1f}% {fetchmod.human(done)} of {fetchmod.human(total)}, "
+                    f"{fetchmod.human(rate)}/s, ETA {fetchmod.eta(p.get('eta'))}")
+            if self.tty:
+                bar = "#" * int(pct / 100 * 24)
+                self.out.write(f"\r  [models] [{bar:<24}] {text}" + ("\n" if final else ""))
+            else:
+                self.out.write(f"  [models] {text}\n")
+            self.out.flush()
+        elif not line.startswith("@@"):
+            self.out.write(f"  [models] {line}\n")
+            self.out.flush()
+
+    def tagged(self, tag: str) -> list[dict]:
+        out = []
+        for line in self.lines:
+            if line.startswith(f"@@{tag} "):
+                try:
+                    out.append(json.loads(line[len(tag) + 3:]))
+                except ValueError:
+                    pass
+        return out
+
+
+def spec(facts: dict, cfg: dict, items: dict, token: str | None) -> dict:
+    mcfg = cfg["models"]
+    pin = cfgmod.fork_pin(cfg)
+    files = []
+    for key, it in items.items():
+        f = mcfg["files"][key]
+        e = it["lock"] or {}
+        known = {k: e.get(k) for k in ("commit", "sha256", "size", "mtime_ns")} if e else {}
+        files.append({"key": key, "repo": f["repo"], "filename": f["filename"], "revision": f["revision"],
+                      "sha256": (f.get("sha256") or "").lower(), "known": known,
+                      "update": bool(mcfg["update"]), "expect_arch": it["expect_arch"]})
+    fix = arch_fix(cfg, "gemma4_assistant" if pin.get("assistant_arch") == "gemma4-assistant" else "gemma4-assistant")
+    return {"dir": mcfg["dir"], "owner": _owner(cfg), "files": files, "reserve_bytes": mcfg["reserve_gb"] * 1024 ** 3,
+            "endpoint": _endpoint(), "token": token, "progress": "machine",
+            "progress_interval": mcfg["progress_interval"], "metadata_timeout": mcfg["metadata_timeout"],
+            "profile": pin.get("profile"), "arch_fix": fix}
+
+
+def _needs_root(facts: dict, cfg: dict) -> bool:
+    user = facts.get("user")
+    login = user.get("name") if isinstance(user, dict) else None
+    return bool(cfg.get("user")) and cfg["user"] != login
 
 
 def apply(host, facts: dict, cfg: dict, check: Check):
-    raise StepError(f"{NAME}: not implemented yet (issue #6)", "skip it with --skip models")
+    mcfg = cfg["models"]
+    m = facts.get("models") if isinstance(facts.get("models"), dict) else {}
+    items = plan_files(facts, cfg) if m else {k: {"lock": None, "expect_arch": "", "action": "download"} for k in mcfg["files"]}
+    work = {k: it for k, it in items.items() if it["action"] != "ok"}
+    if work and m and not m.get("hf"):
+        require_fedora(facts, NAME)
+        host.run(["dnf", "-y", "install", mcfg["hf_package"]], root=True)
+    results, errors = [], []
+    if work:
+        token = os.environ.get("HF_TOKEN") or None
+        payload = dict(spec(facts, cfg, work, token), src=Path(fetchmod.__file__).read_text())
+        render = Render(mcfg["progress_interval"])
+        r = host.run(["python3", "-c", fetchmod.BOOT], stdin=json.dumps(payload) + "\n", root=_needs_root(facts, cfg),
+                     check=False, stream=render)
+        found = render.tagged("result")
+        errors = render.tagged("error")
+        if found:
+            results = found[-1]["files"]
+        if not found and not errors:
+            out = "\n".join(l for l in render.lines if not l.startswith("@@progress"))
+            raise StepError(f"{NAME}: the downloader on the target exited {r.exited} without a result",
+                            "see the output below; python3 and huggingface_hub must work on the target",
+                            command="python3 -c <gpubox fetch>", exited=r.exited, output=(out + "\n" + (r.stderr or "")).strip())
+    # The lock: new results + still-valid old entries + the box as it is now.
+    old = m.get("lock") if isinstance(m.get("lock"), dict) and "_error" not in m.get("lock") else None
+    new = lockfile.build(old, facts, cfg, results)
+    if new != old:
+        host.write_file(lockfile.path(cfg), lockfile.dumps(new), mode="0644", root=True)
+    # Ownership of files that were already in place.
+    owner = _owner(cfg)
+    for key, it in items.items():
+        if it["action"] == "ok" and m.get("owner_uid") is not None and it.get("uid") not in (None, m["owner_uid"]):
+            host.run(["chown", f"{owner}:" if owner else str(m["owner_uid"]),
+                      new["models"][key]["path"]], root=True)
+    if errors:
+        e = errors[0]
+        more = "".join(f"\n  also: {x['message']}" for x in errors[1:])
+        cause = f"{NAME}: {e['message']}{more}"
+        raise StepError(cause, e.get("fix", ""))
+    arch_bad = [it for it in items.values() if it["action"] == "ok" and it["expect_arch"] and it["lock"]
+                and it["lock"].get("arch") != it["expect_arch"]]
+    if arch_bad:
+        it = arch_bad[0]
+        raise StepError(f"{NAME}: {it['filename']} has general.architecture {it['lock'].get('arch')!r}, but the fork "
+                        f"build ({cfgmod.fork_pin(cfg).get('profile')}) loads {it['expect_arch']!r}; no server started",
+                        arch_fix(cfg, it["lock"].get("arch")))
+    return None
