@@ -26,6 +26,7 @@ from provision import config
 from provision.engine import Runner
 from provision.host import Host
 from provision.steps import BY_NAME, STEPS
+from provision.serve import tasks as serve_tasks
 
 REPO = Path(__file__).resolve().parent
 
@@ -144,4 +145,6 @@ def report(c, set=None):
 
 
 ns = Collection(plan, provision, driver, cuda, compiler, patch, build, models, verify, report)
+ns.add_collection(serve_tasks.ns)   # invoke serve, serve.start|stop|status|logs
+ns.add_task(serve_tasks.doctor)       # invoke doctor
 ns.configure(config.defaults())
