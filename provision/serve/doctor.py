@@ -1,0 +1,185 @@
+"""Findings from a parsed llama-server log: what is wrong, the evidence line, and the fix in gpubox's terms.
+
+    findings = diagnose(logparse.parse(text), serve=cfg["serve"], dialect="pre-sync", facts=facts)
+
+Each finding: severity (error / warning / info), code, title, detail, fix, evidence (log lines).
+Rules (../shared/reference/fork-cli.md, tuning.md):
+  - draft-embedding-on-cpu: the assistant's load_tensors block has a CPU model buffer while the log shows a GPU:
+    its token embedding / tied LM head stays in system RAM and every draft step streams it over PCIe.
+    Pre-sync remedy: --override-tensor-draft "token_embd\\.weight=CUDA0" (serve.override_tensor_draft).
+  - oom-at-load: cudaMalloc / alloc_tensor_range / "unable to allocate CUDA0 buffer" -> raise serve.n_cpu_moe or
+    lower serve.ctx_size, with numbers from the log (failed size, MiB of experts per layer moved).
+  - oom-kv / oom-runtime: KV-cache allocation failed; CUDA OOM during generation.
+  - mlock-failed: the memlock limit (RLIMIT_MEMLOCK) is too low for --mlock.
+  - gpu-not-visible: CUDA init failed, or a CUDA run found no device -> driver/reboot state (step 1).
+  - layers-not-offloaded, flash-attn-fallback, load-error, draft-acceptance.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .logparse import Log
+
+OVERRIDE = r"token_embd\.weight=CUDA0"
+
+
+@dataclass
+class Finding:
+    severity: str            # "error", "warning", "info"
+    code: str
+    title: str
+    detail: str = ""
+    fix: str = ""
+    evidence: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def text(self) -> str:
+        out = [f"[{self.severity}] {self.title}"]
+        if self.detail:
+            out.append(f"    {self.detail}")
+        for e in self.evidence[:6]:
+            out.append(f"    log: {e}")
+        if self.fix:
+            out.append(f"    fix: {self.fix}")
+        return "\n".join(out)
+
+
+def _gpu_seen(log: Log) -> bool:
+    if log.cuda_devices_found:
+        return True
+    return any(b.startswith(("CUDA", "ROCm", "Vulkan", "Metal")) and not b.endswith("_Host")
+               for m in log.models for b in list(m.model_buffers) + list(m.kv_buffers))
+
+
+def diagnose(log: Log, *, serve: dict[str, Any] | None = None, dialect: str = "unknown",
+             facts: dict[str, Any] | None = None, expect_gpu: bool | None = None) -> list[Finding]:
+    serve = serve or {}
+    facts = facts or {}
+    out: list[Finding] = []
+    gpu = _gpu_seen(log)
+
+    # --- GPU not visible ----------------------------------------------------------------------------------
+    gpus_fact = facts.get("gpus")
+    if log.cuda_init_error or (log.cuda_devices_found == 0) or (expect_gpu and not gpu):
+        ev = [f"ggml_cuda_init: failed to initialize CUDA: {log.cuda_init_error}"] if log.cuda_init_error else []
+        seen = ("nvidia-smi sees: " + ", ".join(g.get("name", "?") for g in gpus_fact)) if isinstance(gpus_fact, list) and gpus_fact \
+            else "nvidia-smi sees no GPU" if isinstance(gpus_fact, list) else "nvidia-smi state unknown"
+        out.append(Finding(
+            "error", "gpu-not-visible", "llama-server found no usable CUDA GPU: every layer runs on the CPU",
+            f"{seen}. A CUDA build without a visible GPU usually means the NVIDIA kernel module is not loaded: "
+            "a reboot is pending after the driver swap, akmods has not finished building the module for the running "
+            "kernel, or Secure Boot refused the unsigned module.",
+            "run `invoke driver --plan` (step 1 reports reboot/akmods/Secure Boot state) and `nvidia-smi`; reboot "
+            "if step 1 says so, then `invoke serve`", ev))
+
+    # --- out of memory ------------------------------------------------------------------------------------
+    target = log.target
+    if log.oom:
+        kv = any("kv cache" in l.lower() for l in log.oom)
+        runtime = any("CUDA error: out of memory" in l for l in log.oom) and not any(
+            "cudaMalloc failed" in l or "alloc_tensor_range" in l or "unable to allocate" in l for l in log.oom)
+        failed_mib = None
+        for l in log.oom:
+            m = re.search(r"buffer of size (\d+)", l)
+            if m:
+                failed_mib = int(m.group(1)) / 1048576
+        ncm = int(serve.get("n_cpu_moe") or 0)
+        ctx = int(serve.get("ctx_size") or 0)
+        per_layer = None
+        if target and ncm > 0:
+            cpu = sum(v for k, v in target.model_buffers.items() if k.startswith("CPU"))
+            if cpu:
+                per_layer = cpu / ncm
+        if per_layer and failed_mib:
+            more = max(1, math.ceil(failed_mib / per_layer))
+            moe_fix = (f"raise serve.n_cpu_moe from {ncm} to {ncm + more} (about {per_layer:.0f} MiB of experts per "
+                       f"layer leave the GPU; {failed_mib:.0f} MiB were missing)")
+        else:
+            moe_fix = (f"raise serve.n_cpu_moe from {ncm} to {ncm + 2} or more"
+                       + (f" ({failed_mib:.0f} MiB were missing)" if failed_mib else "")
+                       + " (`invoke tune` finds the floor)")
+        ctx_fix = f"or lower serve.ctx_size from {ctx} to {ctx // 2}" if ctx else "or lower serve.ctx_size"
+        if runtime:
+            out.append(Finding("error", "oom-runtime", "CUDA ran out of memory while generating (compute buffers)",
+                               "the model loaded but a batch needed more VRAM than was left; the server aborts (exit 134)",
+                               f"{moe_fix}, {ctx_fix}", log.oom))
+        elif kv:
+            out.append(Finding("error", "oom-kv", "the KV cache did not fit in VRAM",
+                               f"context {ctx} with cache types {serve.get('cache_type_k')}/{serve.get('cache_type_v')}",
+                               f"lower serve.ctx_size from {ctx} to {ctx // 2} (KV memory scales with context), "
+                               f"or a smaller cache type, or {moe_fix}", log.oom))
+        else:
+            out.append(Finding("error", "oom-at-load", "out of GPU memory while loading the model",
+                               "the weights kept on the GPU do not fit next to the context",
+                               f"{moe_fix}, {ctx_fix}", log.oom + [l for l in log.load_errors if l not in log.oom][:3]))
+
+    # --- assistant embedding on the CPU -------------------------------------------------------------------
+    draft = log.draft
+    if draft and gpu:
+        cpu_bufs = {k: v for k, v in draft.model_buffers.items() if k in ("CPU", "CPU_Mapped")}
+        if cpu_bufs:
+            where = ", ".join(f"{k} {v:.2f} MiB" for k, v in cpu_bufs.items())
+            ev = [f"load_tensors: {k} model buffer size = {v:.2f} MiB" for k, v in cpu_bufs.items()]
+            ev += [f"tensor {o['tensor']} buffer type overridden to {o['buffer']}" for o in draft.overrides]
+            if dialect == "pre-sync":
+                fix = (f'add --override-tensor-draft "{OVERRIDE}": set serve.override_tensor_draft to '
+                       f"['{OVERRIDE}'] (the recipe's default) and run `invoke serve`")
+            else:
+                fix = (f"check serve.n_gpu_layers_draft (-ngld) and serve.override_tensor_draft: on the post-sync fork "
+                       f"the assistant's separate output tensor follows -ngld; an override sending token_embd to the "
+                       f"CPU must go. On the pre-sync fork the remedy is --override-tensor-draft \"{OVERRIDE}\"")
+            out.append(Finding(
+                "warning", "draft-embedding-on-cpu",
+                f"the assistant ({draft.path}) has a CPU model buffer ({where}): its token embedding / LM head is not on the GPU",
+                "every draft step then streams the embedding/LM head over PCIe, which eats the MTP speed-up",
+                fix, ev))
+
+    # --- mlock --------------------------------------------------------------------------------------------
+    if log.mlock_failures:
+        mode = "the unit's LimitMEMLOCK=infinity" if facts.get("systemd") == "yes" else "`ulimit -l unlimited` before the start (the launch script does this when run as root)"
+        out.append(Finding(
+            "warning", "mlock-failed", "--mlock could not lock the model in RAM: the memlock limit (RLIMIT_MEMLOCK) is too low",
+            "the server runs, but the kernel may page the weights out under memory pressure",
+            f"raise the memlock limit ({mode}; check with `cat /proc/$(pidof llama-server)/limits`), "
+            "or set serve.mlock=false", log.mlock_failures[:3]))
+
+    # --- layers / flash attention / load errors / drafting ------------------------------------------------
+    if target and target.offloaded and gpu:
+        n, m = target.offloaded
+        want = int(serve.get("n_gpu_layers") or 0)
+        if n < m and want >= m:
+            out.append(Finding("warning", "layers-not-offloaded", f"only {n}/{m} layers were offloaded to the GPU",
+                               f"serve.n_gpu_layers is {want}", "check free VRAM and the fit messages in the log",
+                               [f"load_tensors: offloaded {n}/{m} layers to GPU"]))
+    if log.fa_fallbacks:
+        out.append(Finding("warning", "flash-attn-fallback",
+                           "flash attention is not on the GPU for some layers (falls back to the CPU or is disabled)",
+                           "usually a KV cache type or head size the GPU kernels do not support",
+                           "try serve.flash_attn=auto or a different cache type", log.fa_fallbacks[:4]))
+    other_errors = [l for l in log.load_errors if l not in log.oom]
+    if other_errors and not log.oom:
+        hint = ""
+        if any("unknown model architecture" in l or "predates" in l for l in other_errors):
+            hint = ("the assistant GGUF and the fork disagree on its format (pre-sync gemma4_assistant vs post-sync "
+                    "gemma4-assistant): pin the assistant revision that matches build.profile (step 6)")
+        out.append(Finding("error", "load-error", "the server failed to load a model", hint,
+                           hint or "read the evidence lines; check the model paths and files (invoke models)",
+                           other_errors[:6]))
+    drafted = [r for r in log.requests if r.draft_generated]
+    if drafted:
+        acc = sum(r.draft_accepted or 0 for r in drafted) / max(1, sum(r.draft_generated or 0 for r in drafted))
+        out.append(Finding("info", "draft-acceptance", f"draft acceptance {acc:.1%} over {len(drafted)} request(s)",
+                           "from the per-request `draft acceptance` lines"))
+    return out
+
+
+def summary(findings: list[Finding]) -> str:
+    if not findings:
+        return "doctor: no findings"
+    return "\n".join(f.text() for f in findings)

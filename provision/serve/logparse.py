@@ -1,0 +1,320 @@
+"""Parse a llama-server log (stderr, or --log-file) into what doctor and the serve step need.
+
+Line formats are the ones in ../shared/reference/fork-cli.md and llama.cpp's sources. Lines may carry the
+newer time/level prefix (`0.00.291.952 I `, `1.02.003.004 W `) or none (the pre-sync build); ANSI colour
+codes are stripped. The log is split per model at each
+
+    llama_model_loader: loaded meta data with K key-value pairs and T tensors from <path> (version ...)
+
+line: the first block is the target, a later one the assistant/draft (or whichever model the caller
+names by path). Per model: `load_tensors` buffer sizes by device, `offloaded N/M layers`, KV and compute
+buffers. Across the log: devices, flash-attention fallbacks, OOM lines, mlock failures, load errors,
+readiness, per-request timings and draft acceptance (old `draft acceptance rate =` and new
+`draft acceptance =`), MTP/speculative statistics (trace level), and the memory breakdown table.
+
+The serve step's launch script writes a `gpubox: llama-server start ...` marker before every start;
+`last_run()` keeps the text after the last one, so a restart's old lines never mix with the new ones.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+START_MARKER = "gpubox: llama-server start"
+
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# `0.00.291.952 I ` (minutes.seconds.ms.us then a level letter), either part optional.
+PREFIX_RE = re.compile(r"^(?:\d+\.\d{2}\.\d{3}\.\d{3} )?(?:[IWEDT] )?")
+LOADER_RE = re.compile(r"llama_model_loader: loaded meta data with (\d+) key-value pairs and (\d+) tensors from (.+?)"
+                       r"(?: \(version [^)]*\))?\s*$")
+ARCH_RE = re.compile(r"llama_model_loader: - kv\s+\d+:\s+general\.architecture\s+str\s+=\s+(\S+)")
+OFFLOAD_RE = re.compile(r"load_tensors: offloaded (\d+)/(\d+) layers to GPU")
+MODEL_BUF_RE = re.compile(r"load_tensors:\s+(\S+) model buffer size =\s*([\d.]+) MiB")
+KV_BUF_RE = re.compile(r"llama_kv_cache\w*:\s+(\S+) KV buffer size =\s*([\d.]+) MiB")
+COMPUTE_BUF_RE = re.compile(r"^\w+:\s+(\S+) compute buffer size =\s*([\d.]+) MiB")
+OVERRIDE_RE = re.compile(r"tensor (\S+) \(([\d.]+) MiB (\S+)\) buffer type overridden to (\S+)")
+DEVICES_RE = re.compile(r"ggml_cuda_init: found (\d+) CUDA devices?")
+DEVICE_RE = re.compile(r"^\s*Device (\d+): (.+?), compute capability ([\d.]+)(?:, VMM: (\w+))?(?:, VRAM: (\d+) MiB)?")
+CUDA_INIT_FAIL_RE = re.compile(r"ggml_cuda_init: failed to initialize CUDA: (.+)")
+FA_RE = re.compile(r"(?:Flash Attention|flash_attn|flash attention).*(?:missing support|not supported|set to disabled|CPU)", re.I)
+MLOCK_RE = re.compile(r"failed to mlock (\d+)-byte buffer(?: \(after previously locking (\d+) bytes\))?: (.+)")
+OOM_PATTERNS = [
+    re.compile(r"cudaMalloc failed: out of memory"),
+    re.compile(r"alloc_tensor_range: failed to allocate (\S+) buffer of size (\d+)"),
+    re.compile(r"unable to allocate (\S+) buffer"),
+    re.compile(r"failed to allocate buffer for kv cache"),
+    re.compile(r"CUDA error: out of memory"),
+    re.compile(r"failed to allocate (\S+) buffer of size (\d+)"),
+]
+LOAD_ERROR_RE = re.compile(r"(?:llama_model_load: error loading model: (.+)|error: (.+)|"
+                           r"llama_init_from_model: failed (.+)|gguf_init_from_file\w*: (.+)|"
+                           r"srv\s+load_model: (failed .+)|common_init_from_params: (failed .+))")
+EXIT_LOAD_RE = re.compile(r"exiting due to model loading error")
+READY_RE = re.compile(r"llama_server: model loaded|main: model loaded|server is listening|srv\s+\w+: model loaded")
+LISTEN_RE = re.compile(r"listening on (http://\S+)")
+SLOT_RE = re.compile(r"slot\s+\w+: id\s+(\d+) \| task (-?\d+) \| ")
+TIMING_RE = re.compile(r"(prompt eval|eval) time =\s*([\d.]+) ms /\s*(\d+) (?:tokens|runs)\s*\(\s*([\d.]+) ms per token,\s*([\d.]+) tokens per second\)")
+TOTAL_RE = re.compile(r"total time =\s*([\d.]+) ms /\s*(\d+) tokens")
+DRAFT_RE = re.compile(r"draft acceptance(?: rate)? =\s*([\d.]+) \(\s*(\d+) accepted /\s*(\d+) generated\)(?:, mean len =\s*([\d.]+))?")
+SPEC_STATS_RE = re.compile(r"statistics\s+(\S+): #calls\(b,g,a\) =\s*(\d+)\s+(\d+)\s+(\d+)(.*)")
+SPEC_FIELD_RE = re.compile(r"#(gen drafts|acc drafts|gen tokens|acc tokens|mean acc len) =\s*([\d.]+)")
+SPEC_DUR_RE = re.compile(r"dur\(b,g,a\) =\s*([\d.]+),\s*([\d.]+),\s*([\d.]+) ms")
+MEM_HEADER_RE = re.compile(r"memory breakdown \[MiB\]")
+MEM_ROW_RE = re.compile(r"-\s+(.+?)\s*\|\s*(\d+)\s*=\s*(\d+)\s*\+\s*\(\s*(\d+)\s*=\s*(\d+)\s*\+\s*(\d+)\s*\+\s*(\d+)\s*\)\s*\+\s*(-?\d+)")
+MEM_HOST_RE = re.compile(r"-\s+(Host|\S+)\s*\|\s*(\d+)\s*=\s*(\d+)\s*\+\s*(\d+)\s*\+\s*(\d+)\s*$")
+
+
+@dataclass
+class ModelBlock:
+    path: str
+    role: str = ""                         # "target", "draft" (assistant / MTP head)
+    arch: str = ""
+    n_tensors: int = 0
+    offloaded: tuple[int, int] | None = None
+    model_buffers: dict[str, float] = field(default_factory=dict)      # BUF -> MiB
+    kv_buffers: dict[str, float] = field(default_factory=dict)
+    compute_buffers: dict[str, float] = field(default_factory=dict)
+    overrides: list[dict[str, Any]] = field(default_factory=list)      # -v only
+
+
+@dataclass
+class Request:
+    slot: int
+    task: int
+    prompt_n: int = 0
+    prompt_ms: float = 0.0
+    prompt_per_second: float = 0.0
+    predicted_n: int = 0
+    predicted_ms: float = 0.0
+    predicted_per_second: float = 0.0
+    total_ms: float = 0.0
+    draft_acceptance: float | None = None
+    draft_accepted: int | None = None
+    draft_generated: int | None = None
+    draft_mean_len: float | None = None
+
+
+@dataclass
+class Log:
+    models: list[ModelBlock] = field(default_factory=list)
+    devices: list[dict[str, Any]] = field(default_factory=list)
+    cuda_devices_found: int | None = None
+    cuda_init_error: str = ""
+    fa_fallbacks: list[str] = field(default_factory=list)
+    oom: list[str] = field(default_factory=list)
+    mlock_failures: list[str] = field(default_factory=list)
+    load_errors: list[str] = field(default_factory=list)
+    exited_on_load_error: bool = False
+    ready: bool = False
+    listening: str = ""
+    requests: list[Request] = field(default_factory=list)
+    spec_stats: list[dict[str, Any]] = field(default_factory=list)
+    memory: list[dict[str, Any]] = field(default_factory=list)
+    lines: int = 0
+
+    def model(self, role: str) -> ModelBlock | None:
+        return next((m for m in self.models if m.role == role), None)
+
+    @property
+    def target(self) -> ModelBlock | None:
+        return self.model("target")
+
+    @property
+    def draft(self) -> ModelBlock | None:
+        return self.model("draft")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def clean(line: str) -> str:
+    """A log line without ANSI colours and without the optional time/level prefix."""
+    line = ANSI_RE.sub("", line.rstrip("\r\n"))
+    return PREFIX_RE.sub("", line, count=1)
+
+
+def last_run(text: str) -> str:
+    """The part of a log file written by the latest start (after the last start marker)."""
+    i = text.rfind(START_MARKER)
+    if i < 0:
+        return text
+    nl = text.find("\n", i)
+    return text[nl + 1:] if nl >= 0 else ""
+
+
+def parse(text: str, *, target_path: str | None = None, draft_path: str | None = None) -> Log:
+    """Parse a log. Model blocks get role "target" / "draft" by path when given, else by order."""
+    log = Log()
+    cur: ModelBlock | None = None
+    in_mem = False
+    requests: dict[tuple[int, int], Request] = {}
+
+    def req(line: str) -> Request:
+        m = SLOT_RE.search(line)
+        key = (int(m.group(1)), int(m.group(2))) if m else (-1, len(log.requests))
+        if key not in requests:
+            requests[key] = Request(slot=key[0], task=key[1])
+            log.requests.append(requests[key])
+        return requests[key]
+
+    for raw in text.splitlines():
+        log.lines += 1
+        line = clean(raw)
+        if not line.strip():
+            continue
+        m = LOADER_RE.search(line)
+        if m:
+            cur = ModelBlock(path=m.group(3).strip(), n_tensors=int(m.group(2)))
+            log.models.append(cur)
+            in_mem = False
+            continue
+        if cur is not None:
+            m = ARCH_RE.search(line)
+            if m and not cur.arch:
+                cur.arch = m.group(1)
+                continue
+            m = OFFLOAD_RE.search(line)
+            if m:
+                cur.offloaded = (int(m.group(1)), int(m.group(2)))
+                continue
+            m = MODEL_BUF_RE.search(line)
+            if m:
+                cur.model_buffers[m.group(1)] = cur.model_buffers.get(m.group(1), 0.0) + float(m.group(2))
+                continue
+            m = KV_BUF_RE.search(line)
+            if m:
+                cur.kv_buffers[m.group(1)] = cur.kv_buffers.get(m.group(1), 0.0) + float(m.group(2))
+                continue
+            m = COMPUTE_BUF_RE.search(line)
+            if m:
+                cur.compute_buffers[m.group(1)] = float(m.group(2))
+                continue
+            m = OVERRIDE_RE.search(line)
+            if m:
+                cur.overrides.append({"tensor": m.group(1), "mib": float(m.group(2)), "type": m.group(3),
+                                      "buffer": m.group(4)})
+                continue
+        m = DEVICES_RE.search(line)
+        if m:
+            log.cuda_devices_found = int(m.group(1))
+            continue
+        m = DEVICE_RE.search(line)
+        if m and log.cuda_devices_found is not None:
+            log.devices.append({"index": int(m.group(1)), "name": m.group(2), "compute_capability": m.group(3),
+                                "vmm": m.group(4) or "", "vram_mib": int(m.group(5)) if m.group(5) else None})
+            continue
+        m = CUDA_INIT_FAIL_RE.search(line)
+        if m:
+            log.cuda_init_error = m.group(1).strip()
+            continue
+        if MEM_HEADER_RE.search(line):
+            in_mem = True
+            continue
+        if in_mem:
+            m = MEM_ROW_RE.search(line)
+            if m:
+                log.memory.append({"device": m.group(1).strip(), "total": int(m.group(2)), "free": int(m.group(3)),
+                                   "self": int(m.group(4)), "model": int(m.group(5)), "context": int(m.group(6)),
+                                   "compute": int(m.group(7)), "unaccounted": int(m.group(8))})
+                continue
+            m = MEM_HOST_RE.search(line)
+            if m:
+                log.memory.append({"device": m.group(1), "self": int(m.group(2)), "model": int(m.group(3)),
+                                   "context": int(m.group(4)), "compute": int(m.group(5))})
+                continue
+            in_mem = False
+        m = MLOCK_RE.search(line)
+        if m:
+            log.mlock_failures.append(line.strip())
+            continue
+        if any(p.search(line) for p in OOM_PATTERNS):
+            log.oom.append(line.strip())
+        if FA_RE.search(line):
+            log.fa_fallbacks.append(line.strip())
+            continue
+        if EXIT_LOAD_RE.search(line):
+            log.exited_on_load_error = True
+            log.load_errors.append(line.strip())
+            continue
+        m = LOAD_ERROR_RE.search(line)
+        if m and not line.startswith("warning"):
+            log.load_errors.append(line.strip())
+            continue
+        m = LISTEN_RE.search(line)
+        if m:
+            log.listening = m.group(1)
+        if READY_RE.search(line):
+            log.ready = True
+            continue
+        m = TIMING_RE.search(line)
+        if m:
+            r = req(line)
+            if m.group(1) == "prompt eval":
+                r.prompt_ms, r.prompt_n, r.prompt_per_second = float(m.group(2)), int(m.group(3)), float(m.group(5))
+            else:
+                r.predicted_ms, r.predicted_n, r.predicted_per_second = float(m.group(2)), int(m.group(3)), float(m.group(5))
+            continue
+        m = TOTAL_RE.search(line)
+        if m:
+            req(line).total_ms = float(m.group(1))
+            continue
+        m = DRAFT_RE.search(line)
+        if m:
+            r = req(line)
+            r.draft_acceptance = float(m.group(1))
+            r.draft_accepted, r.draft_generated = int(m.group(2)), int(m.group(3))
+            r.draft_mean_len = float(m.group(4)) if m.group(4) else None
+            continue
+        m = SPEC_STATS_RE.search(line)
+        if m:
+            st: dict[str, Any] = {"type": m.group(1), "calls_begin": int(m.group(2)), "calls_draft": int(m.group(3)),
+                                  "calls_accept": int(m.group(4))}
+            for k, v in SPEC_FIELD_RE.findall(m.group(5)):
+                st[k.replace(" ", "_")] = float(v) if "." in v else int(v)
+            d = SPEC_DUR_RE.search(m.group(5))
+            if d:
+                st["dur_ms"] = [float(d.group(1)), float(d.group(2)), float(d.group(3))]
+            log.spec_stats.append(st)
+            continue
+
+    _assign_roles(log, target_path, draft_path)
+    return log
+
+
+def _assign_roles(log: Log, target_path: str | None, draft_path: str | None) -> None:
+    for mb in log.models:
+        if draft_path and mb.path == draft_path:
+            mb.role = "draft"
+        elif target_path and mb.path == target_path:
+            mb.role = "target"
+    rest = [mb for mb in log.models if not mb.role]
+    have = {mb.role for mb in log.models}
+    for mb in rest:
+        if "target" not in have:
+            mb.role = "target"
+            have.add("target")
+        elif "draft" not in have:
+            mb.role = "draft"
+            have.add("draft")
+        else:
+            mb.role = "other"
+
+
+def explain_exit(text: str, n: int = 12) -> list[str]:
+    """The lines of a log that explain why a server stopped: errors, OOM, load errors; else its tail."""
+    keep = []
+    for raw in text.splitlines():
+        line = clean(raw)
+        low = line.lower()
+        if (LOAD_ERROR_RE.search(line) or EXIT_LOAD_RE.search(line) or any(p.search(line) for p in OOM_PATTERNS)
+                or CUDA_INIT_FAIL_RE.search(line) or "error" in low or "failed" in low or "abort" in low
+                or "segmentation fault" in low or "invalid argument" in low or "unsupported" in low
+                or "gpubox-supervisor" in low):
+            if "warning: no usable gpu" in low:
+                continue
+            keep.append(line.strip())
+    if not keep:
+        keep = [clean(x).strip() for x in text.splitlines() if x.strip()]
+    return keep[-n:]

@@ -1,0 +1,195 @@
+"""Prove a started llama-server: wait for readiness, then the recipe's smoke request.
+
+HTTP runs ON the target (the server listens on the target's loopback, which the controller may not reach:
+the sandbox lives in its own network namespace). The client is bash's /dev/tcp, so nothing beyond bash and
+coreutils is needed on the target (no curl or python in a minimal chroot):
+
+    wait_ready(host, ...)   polls /health every second: 503 {"error":{"message":"Loading model"}} while the
+                            model loads, 200 when ready; prints progress; bounded by serve.ready_timeout. If the
+                            server process dies meanwhile, raises ServerExited with the log lines that explain
+                            why (out of memory, unknown architecture, invalid argument ...), not a timeout.
+    smoke(host, ...)        POST /v1/chat/completions with a system and a user message (non-streamed) and
+                            reads `timings`: prompt/generation tokens per second, draft_n/draft_n_accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from ..engine import StepError
+from ..host import sh
+from . import logparse
+
+# The recipe's smoke test: one system and one user message, non-streamed.
+SMOKE_MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Say hello in one short sentence."},
+]
+SMOKE_MAX_TOKENS = 32
+
+# bash-only HTTP/1.1 client: request body on stdin; prints the raw response.
+_CLIENT = r'''
+body=$(cat; printf x); body=${body%x}
+export LC_ALL=C
+exec 3<>/dev/tcp/{h}/{p} || exit 7
+if [ {m} = GET ]; then
+  printf '%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n' {m} {path} {hp} >&3
+else
+  printf '%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n' {m} {path} {hp} "${{#body}}" >&3
+  printf '%s' "$body" >&3
+fi
+cat <&3
+'''
+
+
+class ServerExited(StepError):
+    """The server process ended while loading or answering."""
+
+
+@dataclass
+class Response:
+    status: int
+    body: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def connect_host(serve: dict) -> str:
+    h = serve.get("host") or "127.0.0.1"
+    return "127.0.0.1" if h == "0.0.0.0" else ("::1" if h == "::" else h)
+
+
+def parse_response(raw: str) -> Response:
+    head, sep, body = raw.partition("\r\n\r\n")
+    if not sep:
+        return Response(0, raw)
+    lines = head.split("\r\n")
+    try:
+        status = int(lines[0].split()[1])
+    except (IndexError, ValueError):
+        return Response(0, raw)
+    headers = {}
+    for l in lines[1:]:
+        k, _, v = l.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        out, rest = [], body
+        while rest:
+            size_line, _, rest = rest.partition("\r\n")
+            try:
+                n = int(size_line.split(";")[0], 16)
+            except ValueError:
+                break
+            if n == 0:
+                break
+            out.append(rest[:n])
+            rest = rest[n + 2:]
+        body = "".join(out)
+    return Response(status, body, headers)
+
+
+def http(host, serve: dict, method: str, path: str, payload: Any = None, timeout: int = 10) -> Response:
+    """One HTTP request from the target to its own llama-server. status 0 = no connection."""
+    h, p = connect_host(serve), serve["port"]
+    script = sh(_CLIENT, h=h, p=p, m=method, path=path, hp=f"{h}:{p}")
+    body = json.dumps(payload) if payload is not None else ""
+    r = host.run(["timeout", str(timeout), "bash", "-c", script], check=False, stdin=body)
+    if r.exited != 0 and not (r.stdout or "").strip():
+        return Response(0, (r.stderr or "").strip())
+    return parse_response(r.stdout or "")
+
+
+def wait_ready(host, serve: dict, *, pid: int | str | None, timeout: int, read_log: Callable[[], str],
+               echo: Callable[[str], None] = print, poll: float = 1.0) -> dict[str, Any]:
+    """Poll /health until 200. Raises ServerExited (with the explaining log lines) or StepError (timeout)."""
+    t0 = time.monotonic()
+    last_print = -10.0
+    states: list[str] = []
+    while True:
+        el = time.monotonic() - t0
+        if pid is not None and not host.ok(["kill", "-0", str(pid)], root=True):
+            text = read_log()
+            lines = logparse.explain_exit(text)
+            raise ServerExited(
+                f"serve: llama-server (pid {pid}) exited during load after {el:.1f}s",
+                "read the log lines below; `invoke doctor` turns them into a fix",
+                output="\n".join(lines))
+        r = http(host, serve, "GET", "/health", timeout=5)
+        if r.status == 200:
+            return {"seconds": round(el, 2), "states": states}
+        state = "not listening yet" if r.status == 0 else (
+            "loading model (503)" if r.status == 503 else f"HTTP {r.status}")
+        if not states or states[-1] != state:
+            states.append(state)
+        if el - last_print >= 5:
+            echo(f"[serve] waiting for llama-server: {state}, {el:.0f}s of {timeout}s")
+            last_print = el
+        if el > timeout:
+            lines = logparse.explain_exit(read_log())
+            raise StepError(f"serve: llama-server not ready after {timeout}s (last state: {state})",
+                            "raise serve.ready_timeout for slow disks, or read the log (invoke serve.logs)",
+                            output="\n".join(lines))
+        time.sleep(poll)
+
+
+@dataclass
+class SmokeResult:
+    ok: bool
+    status: int
+    reply: str = ""
+    prompt_n: int = 0
+    prompt_per_second: float = 0.0
+    predicted_n: int = 0
+    predicted_per_second: float = 0.0
+    draft_n: int | None = None
+    draft_n_accepted: int | None = None
+    draft_acceptance: float | None = None
+    model: str = ""
+    error: str = ""
+
+    def line(self) -> str:
+        if not self.ok:
+            return f"smoke request FAILED (HTTP {self.status}): {self.error}"
+        s = (f"smoke: prompt {self.prompt_n} tokens at {self.prompt_per_second:.1f} t/s, generation "
+             f"{self.predicted_n} tokens at {self.predicted_per_second:.1f} t/s")
+        if self.draft_n:
+            s += f", draft acceptance {self.draft_n_accepted}/{self.draft_n} = {self.draft_acceptance:.1%}"
+        return s + f"; reply: {self.reply[:60]!r}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def smoke(host, serve: dict, *, max_tokens: int = SMOKE_MAX_TOKENS, timeout: int = 120) -> SmokeResult:
+    payload = {"messages": SMOKE_MESSAGES, "max_tokens": max_tokens, "stream": False}
+    r = http(host, serve, "POST", "/v1/chat/completions", payload, timeout=timeout)
+    if r.status != 200:
+        return SmokeResult(False, r.status, error=r.body[:300])
+    try:
+        d = r.json()
+        t = d.get("timings") or {}
+        res = SmokeResult(True, 200, reply=d["choices"][0]["message"].get("content") or "",
+                          prompt_n=int(t.get("prompt_n", 0)), prompt_per_second=float(t.get("prompt_per_second", 0.0)),
+                          predicted_n=int(t.get("predicted_n", 0)),
+                          predicted_per_second=float(t.get("predicted_per_second", 0.0)), model=d.get("model", ""))
+        if "draft_n" in t:
+            res.draft_n, res.draft_n_accepted = int(t["draft_n"]), int(t.get("draft_n_accepted", 0))
+            res.draft_acceptance = res.draft_n_accepted / res.draft_n if res.draft_n else 0.0
+        return res
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        return SmokeResult(False, r.status, error=f"unexpected response ({e}): {r.body[:300]}")
+
+
+def models(host, serve: dict) -> list[str]:
+    r = http(host, serve, "GET", "/v1/models")
+    if r.status != 200:
+        return []
+    try:
+        return [m.get("id", "") for m in r.json().get("data", [])]
+    except ValueError:
+        return []

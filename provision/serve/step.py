@@ -1,0 +1,147 @@
+"""The serve step: render -> validate -> install -> start; the `serve` task then proves it (smoke.py).
+
+check() is pure (facts in): it renders the command for the binary's dialect (from step 5's
+gpubox-dialect.json, else the binary's own --help), refuses bad settings before anything starts (a binary or
+model file that is not there, an option the binary lacks, a port another process holds), and compares the
+installed files and the running process's command line with the wanted ones. Nothing differs = satisfied,
+zero changes. apply() writes what differs, starts or restarts the server and waits for readiness; a server
+that exits while loading is reported with the log lines that say why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..engine import Change, Check, StepError
+from ..facts import UNKNOWN, Fact
+from ..host import expand_home
+from . import helptext, render, service, smoke
+
+NAME = "serve"
+TITLE = "llama-server: rendered for the built dialect, installed, running"
+FACTS = [Fact("serve", service.fact_snippet, service.parse_fact)]
+
+
+def _home(facts: dict) -> str:
+    return facts.get("home") if isinstance(facts.get("home"), str) else ""
+
+
+def model_paths(cfg: dict, home: str) -> tuple[str, str]:
+    """(model, draft) paths on the target, `~/` resolved; draft "" when serve.draft_model is ""."""
+    files = cfg["models"]["files"]
+    mdir = expand_home(cfg["models"]["dir"], home).rstrip("/")
+    model = f"{mdir}/{files['model']['filename']}"
+    dm = cfg["serve"].get("draft_model")
+    return model, (f"{mdir}/{files[dm]['filename']}" if dm else "")
+
+
+def wanted(facts: dict, cfg: dict) -> tuple[render.Rendered, dict[str, str], dict]:
+    """Render the command and the files, or raise StepError naming the cause and the fix."""
+    sf = facts.get("serve")
+    if not isinstance(sf, dict):
+        raise StepError("serve: could not read the serve facts from the host", "check that bash runs on the target")
+    home = _home(facts)
+    binary = service.binary_path(cfg, home)
+    if sf.get("binary") != "yes":
+        raise StepError(f"serve: no llama-server at {binary}", "build it first: invoke build")
+    if not sf.get("help", "").strip():
+        raise StepError(f"serve: could not read the flags of {binary} (no gpubox-dialect.json and --help printed nothing)",
+                        "rebuild (invoke build) so step 5 records the dialect")
+    parsed = helptext.from_json(sf["help"]) if sf["help"].lstrip().startswith("{") else helptext.parse(sf["help"])
+    if not parsed["flags"]:
+        raise StepError(f"serve: {binary} --help lists no flags", "rebuild (invoke build)", output=sf["help"][-2000:])
+    model, draft = model_paths(cfg, home)
+    missing = []
+    if sf.get("model_readable") != "yes":
+        missing.append(f"model file {model} does not exist or is not readable")
+    if draft and sf.get("draft_readable") != "yes":
+        missing.append(f"draft/assistant file {draft} (serve.draft_model={cfg['serve']['draft_model']}) does not exist "
+                       "or is not readable")
+    if missing:
+        raise StepError("serve: " + "; ".join(missing),
+                        "download the models (invoke models), or fix models.dir / models.files; "
+                        "serve.draft_model=\"\" serves without a draft model")
+    if cfg["serve"].get("service_user") and sf.get("service_user") != "yes":
+        raise StepError(f"serve: service user {cfg['serve']['service_user']!r} does not exist on the host",
+                        f"create it (useradd --system {cfg['serve']['service_user']}) or set serve.service_user=\"\"")
+    try:
+        r = render.render(cfg["serve"], parsed, binary=binary, model_path=model, draft_path=draft)
+    except render.RenderError as e:
+        raise StepError(str(e)) from None
+    files = service.files(cfg, facts, r, model_name=cfg["models"]["files"]["model"]["filename"])
+    return r, files, sf
+
+
+def _port_of(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv[:-1]):
+        if a == "--port":
+            return argv[i + 1]
+    return None
+
+
+def check(facts: dict, cfg: dict) -> Check:
+    r, files, sf = wanted(facts, cfg)
+    lay = service.layout(cfg, _home(facts))
+    have = {lay.launch: sf.get("file_launch"), lay.env: sf.get("file_env"), lay.supervise: sf.get("file_supervise"),
+            lay.unit: sf.get("file_unit")}
+    changes: list[Change] = []
+    for path, content in files.items():
+        if have.get(path) != service.sha(content):
+            changes.append(Change(f"write {path}", "missing" if not have.get(path) else "content differs",
+                                  [f"write {path} from templates/"]))
+    running_argv = sf.get("argv") or []
+    alive = bool(sf.get("pid"))
+    same = alive and running_argv == r.argv
+    mode = service.mode_of(facts)
+    attention, warnings = [], []
+    if mode == "supervisor":
+        attention.append("no systemd on this host: llama-server runs under gpubox's supervisor loop "
+                         f"({lay.supervise}, setsid, pid files, log {lay.log}), not as a systemd unit")
+    warnings += [f"render: {d}" for d in r.dropped]
+    port = str(cfg["serve"]["port"])
+    if sf.get("port") == "open" and not (alive and _port_of(running_argv) == port):
+        owner = sf.get("port_owner") or ""
+        raise StepError(f"serve: port {port} on {cfg['serve']['host']} is already in use by another process"
+                        + (f" ({owner})" if owner else ""),
+                        f"stop that process or choose another port: invoke serve --set serve.port={int(port) + 1}")
+    if not same:
+        if alive:
+            what = "; ".join(render.diff(running_argv, r.argv)) or "command differs"
+            changes.append(Change("restart llama-server with the new command", what, [" ".join(r.argv)]))
+        else:
+            changes.append(Change("start llama-server", "not running", [" ".join(r.argv)]))
+    elif changes:
+        changes.append(Change("restart llama-server", "its launch files changed", [" ".join(r.argv)]))
+    info = {"argv": r.argv, "dialect": r.dialect, "notes": r.notes, "dropped": r.dropped, "mode": mode,
+            "log": lay.log, "pid": sf.get("pid", "")}
+    if not changes:
+        return Check.done(attention=attention, warnings=warnings, info=info)
+    return Check.todo(changes, attention=attention, warnings=warnings, info=info)
+
+
+def apply(host, facts: dict, cfg: dict, chk: Check, echo=print):
+    r, files, sf = wanted(facts, cfg)
+    for n in r.notes:
+        echo(f"[serve] {n}")
+    for d in r.dropped:
+        echo(f"[serve] dropped: {d}")
+    service.install(host, cfg, facts, files)
+    running = bool(sf.get("pid"))
+    how = service.start(host, cfg, facts, restart=running)
+    echo(f"[serve] {how}")
+    # The new server's pid (the unit's MainPID or the supervisor's pid file).
+    lay = service.layout(cfg, _home(facts))
+    if service.mode_of(facts) == "systemd":
+        out = host.run(["systemctl", "show", "-p", "MainPID", "--value", service.UNIT_NAME], check=False).stdout.strip()
+    else:
+        out = host.run(["cat", lay.server_pid], root=True, check=False).stdout.strip()
+    pid = out if out and out != "0" else None
+    try:
+        ready = smoke.wait_ready(host, cfg["serve"], pid=pid, timeout=cfg["serve"]["ready_timeout"],
+                                 read_log=lambda: service.read_log(host, cfg, facts), echo=echo)
+    except StepError:
+        # Do not leave a restart loop behind a server that cannot load: stop it, report the log lines.
+        service.stop(host, cfg, facts)
+        raise
+    notes = [f"llama-server ready in {ready['seconds']}s ({' -> '.join(ready['states']) or 'at once'}); {how}"]
+    return notes

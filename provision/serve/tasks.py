@@ -1,0 +1,184 @@
+"""Invoke tasks: `invoke serve` (render, validate, install, start, prove) and serve.start|stop|status|logs, doctor.
+
+    invoke serve                       # idempotent: a second run with nothing changed makes zero changes
+    invoke serve --set serve.ctx_size=65536   # one setting changed: restarts with the new command
+    invoke serve --plan                # what would change, nothing done
+    invoke serve.status / serve.logs -n 100 / serve.stop / serve.start
+    invoke doctor                      # findings from the latest server log
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from invoke import Collection, Exit, task
+
+from .. import config
+from .. import facts as factmod
+from ..engine import Runner, StepError
+from ..host import Host
+from . import doctor as doctormod
+from . import logparse, service, smoke, step
+
+SET_HELP = {"set": "override a setting, KEY=VALUE (repeatable), e.g. --set serve.ctx_size=65536"}
+
+
+def _cfg(c, sets) -> dict:
+    try:
+        return config.load(c, sets or ())
+    except config.ConfigError as e:
+        raise Exit(str(e), code=config.EXIT_CONFIG)
+
+
+def _facts(host: Host, cfg: dict) -> dict:
+    return factmod.gather(host, cfg, [step])
+
+
+def _save(cfg: dict, host: Host, name: str, data: dict) -> Path:
+    d = Path(os.path.expanduser(cfg["report_dir"]))
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / f"{host.name}-{name}.json"
+    p.write_text(json.dumps(data, indent=2, default=str))
+    return p
+
+
+def prove(host: Host, cfg: dict, facts: dict, echo=print) -> dict:
+    """The smoke request, then the log parsed for the same run. Raises Exit(1) when the request fails."""
+    res = smoke.smoke(host, cfg["serve"])
+    echo(res.line())
+    model, draft = step.model_paths(cfg, facts.get("home") if isinstance(facts.get("home"), str) else "")
+    log = logparse.parse(service.read_log(host, cfg, facts), target_path=model, draft_path=draft or None)
+    for mb in log.models:
+        bufs = ", ".join(f"{k} {v:.2f} MiB" for k, v in mb.model_buffers.items()) or "no load_tensors lines"
+        off = f", offloaded {mb.offloaded[0]}/{mb.offloaded[1]} layers" if mb.offloaded else ""
+        echo(f"log: {mb.role} {mb.path}: {bufs}{off}")
+    if log.requests:
+        r = log.requests[-1]
+        echo(f"log: last request: prompt {r.prompt_n} tokens {r.prompt_per_second:.1f} t/s, "
+             f"eval {r.predicted_n} tokens {r.predicted_per_second:.1f} t/s"
+             + (f", draft acceptance {r.draft_acceptance:.3f}" if r.draft_acceptance is not None else ""))
+    data = {"smoke": res.to_dict(), "log": log.to_dict()}
+    path = _save(cfg, host, "serve-proof", data)
+    echo(f"proof: {path}")
+    if not res.ok:
+        raise Exit("serve: the smoke request failed; see `invoke doctor` and `invoke serve.logs`", code=1)
+    return data
+
+
+@task(name="serve", default=True, iterable=["set"],
+      help=dict(SET_HELP, plan="check only: print what would change", no_prove="skip the smoke request"))
+def serve_(c, set=None, plan=False, no_prove=False):
+    """Render the llama-server command for the built dialect, install the service, start it, prove it."""
+    cfg = _cfg(c, set)
+    host = Host(c)
+    report = Runner(host, cfg, [step], plan=plan).run()
+    print(report.table())
+    res = report.steps[0]
+    for n in res.info.get("notes", []):
+        print(f"  note: {n}")
+    if res.info.get("argv"):
+        print("  command: " + " ".join(res.info["argv"]))
+    if report.failed:
+        raise Exit(code=1)
+    if plan or no_prove:
+        return report
+    prove(host, cfg, _facts(host, cfg))
+    return report
+
+
+@task(iterable=["set"], help=SET_HELP)
+def start(c, set=None):
+    """Start llama-server with the installed launch files (run `invoke serve` to install or change them)."""
+    cfg = _cfg(c, set)
+    host = Host(c)
+    facts = _facts(host, cfg)
+    if facts["serve"].get("pid"):
+        print(f"llama-server already running (pid {facts['serve']['pid']})")
+        return
+    lay = service.layout(cfg, facts.get("home") or "")
+    if not facts["serve"].get("file_launch"):
+        raise Exit(f"serve.start: nothing installed at {lay.launch}; run `invoke serve` first", code=1)
+    print(service.start(host, cfg, facts))
+
+
+@task(iterable=["set"], help=SET_HELP)
+def stop(c, set=None):
+    """Stop llama-server (the unit, or the supervisor and its server)."""
+    cfg = _cfg(c, set)
+    host = Host(c)
+    facts = _facts(host, cfg)
+    print("stopped" if service.stop(host, cfg, facts) else "llama-server was not running")
+
+
+@task(iterable=["set"], help=SET_HELP)
+def status(c, set=None):
+    """Is it running, with which command, in which mode; /health and /v1/models."""
+    cfg = _cfg(c, set)
+    host = Host(c)
+    facts = _facts(host, cfg)
+    sf = facts["serve"]
+    mode = service.mode_of(facts)
+    print(f"mode: {mode}" + (f" (unit {service.UNIT_NAME}: {sf.get('unit_active', '?')})" if mode == "systemd"
+                             else f" (supervisor pid {sf.get('supervisor_pid', '-')})"))
+    if not sf.get("pid"):
+        print("llama-server: not running")
+        raise Exit(code=3)
+    print(f"llama-server: pid {sf['pid']}: {' '.join(sf.get('argv', []))}")
+    h = smoke.http(host, cfg["serve"], "GET", "/health")
+    print(f"/health: {h.status} {h.body.strip()[:120]}")
+    print(f"/v1/models: {', '.join(smoke.models(host, cfg['serve'])) or '-'}")
+    try:
+        chk = step.check(facts, cfg)
+        print("config: " + ("the running command is the configured one" if chk.satisfied else
+                            "differs: " + "; ".join(f"{x.what} ({x.why})" for x in chk.changes)))
+    except StepError as e:
+        print(f"config: {e}")
+
+
+@task(iterable=["set"], help=dict(SET_HELP, lines="how many lines", all="the whole file, not only the last start"))
+def logs(c, set=None, lines=60, all=False):
+    """The server log (the part written since the last start)."""
+    cfg = _cfg(c, set)
+    host = Host(c)
+    facts = _facts(host, cfg)
+    text = service.read_log(host, cfg, facts, last=not all)
+    print("\n".join(text.splitlines()[-int(lines):]))
+
+
+@task(iterable=["set"], help=dict(SET_HELP, log="a log file on this machine instead of the server's",
+                                   dialect="pre-sync/post-sync/upstream for a --log file"))
+def doctor(c, set=None, log=None, dialect=None):
+    """Findings from the latest llama-server log: embedding on CPU, OOM, mlock, GPU visibility."""
+    cfg = _cfg(c, set)
+    host = Host(c)
+    facts = _facts(host, cfg)
+    if log:
+        text = logparse.last_run(Path(log).read_text(errors="replace"))
+        d = dialect or "unknown"
+    else:
+        text = service.read_log(host, cfg, facts)
+        d = dialect or "unknown"
+        try:
+            d = step.wanted(facts, cfg)[0].dialect
+        except StepError:
+            pass
+    if not text.strip():
+        raise Exit("doctor: the server log is empty; start it with `invoke serve`", code=1)
+    model, draft = step.model_paths(cfg, facts.get("home") if isinstance(facts.get("home"), str) else "")
+    parsed = logparse.parse(text, target_path=model, draft_path=draft or None)
+    findings = doctormod.diagnose(parsed, serve=cfg["serve"], dialect=d, facts=facts,
+                                  expect_gpu=bool(cfg["build"]["cuda"]) and not log)
+    print(doctormod.summary(findings))
+    _save(cfg, host, "doctor", {"dialect": d, "findings": [f.to_dict() for f in findings]})
+    if any(f.severity == "error" for f in findings):
+        raise Exit(code=1)
+
+
+ns = Collection("serve")
+ns.add_task(serve_, default=True)
+ns.add_task(start)
+ns.add_task(stop)
+ns.add_task(status)
+ns.add_task(logs)
