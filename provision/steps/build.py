@@ -52,7 +52,7 @@ SERVER = "llama-server"
 NINJA_RE = re.compile(r"^\[(\d+)/(\d+)\]")
 MAKE_RE = re.compile(r"^\[\s*(\d+)%\]")
 ARCH_LINE_RE = re.compile(r"Using CMAKE_CUDA_ARCHITECTURES=.*")
-OOM_RE = re.compile(r"signal: (9|11)|Killed signal terminated|cicc terminated|out of memory|std::bad_alloc", re.I)
+OOM_RE = re.compile(r"signal:? (9|11)\b|Kill(ed)? signal|cicc terminated|out of memory|std::bad_alloc", re.I)
 
 
 # --- facts --------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def c_compiler_of(cxx: str) -> str:
     ('/usr/bin/gcc-14', '/usr/bin/clang-18', '')
     """
     d, base = posixpath.split(cxx)
-    for a, b in (("g++", "gcc"), ("clang++", "clang"), ("c++", "cc")):
+    for a, b in (("clang++", "clang"), ("g++", "gcc"), ("c++", "cc")):
         if a in base:
             return posixpath.join(d, base.replace(a, b, 1))
     return ""
@@ -169,7 +169,19 @@ def parse_fact(out: str, rc: int) -> dict[str, Any]:
     return d
 
 
-FACTS = [Fact("build", _fact_command, parse_fact)]
+def _helper_facts() -> list[Fact]:
+    """Step 3's shim facts (build_env reads the target's PATH from them) and step 4's header fact (the
+    build re-checks the patch), so `invoke build` alone gathers what it decides on."""
+    out: list[Fact] = []
+    try:
+        from . import compiler as compstep, patch as patchstep
+        out += list(getattr(compstep, "FACTS", [])) + list(getattr(patchstep, "FACTS", []))
+    except Exception:  # a helper module that does not import: build decides without it (and says so)
+        pass
+    return out
+
+
+FACTS = [Fact("build", _fact_command, parse_fact), *_helper_facts()]
 
 
 # --- decisions (pure) ---------------------------------------------------------------------------------
@@ -276,14 +288,16 @@ def plan(facts: dict, cfg: dict) -> dict[str, Any]:
     avail = mem.get("available_mib") if isinstance(mem, dict) else UNKNOWN
     jobs, jobs_why = choose_jobs(facts.get("cores"), avail, b["mem_per_job_gb"], b["jobs"])
     env: dict[str, str] = {}
-    path_prefix: list[str] = []
     if b["cuda"]:
+        login_path = f.get("path") or "/usr/local/bin:/usr/bin:/bin"
+        first: list[str] = []
         if tc["source"] == "steps 2-3":
-            path_prefix = _steps_path_prefix(facts, cfg)
-        path_prefix.append(posixpath.dirname(tc["nvcc"]))
-    login_path = f.get("path") or "/usr/local/bin:/usr/bin:/bin"
-    if path_prefix:
-        env["PATH"] = ":".join(dict.fromkeys(path_prefix + login_path.split(":")))
+            # Step 3's environment: its gcc/g++ shims first on PATH (and CUDAHOSTCXX).
+            env.update(_steps_env(facts, cfg))
+            parts = (env.get("PATH") or login_path).split(":")
+            first, login_path = parts[:1], ":".join(parts[1:])
+        # Then nvcc's directory: nvcc finds its own tools (ptxas, fatbinary) and cmake its CUDA through it.
+        env["PATH"] = ":".join(dict.fromkeys([*first, posixpath.dirname(tc["nvcc"]), *login_path.split(":")]))
     if f.get("ccache"):
         if b.get("ccache_dir"):
             env["CCACHE_DIR"] = expand_home(b["ccache_dir"], home) if home else b["ccache_dir"]
@@ -303,17 +317,17 @@ def plan(facts: dict, cfg: dict) -> dict[str, Any]:
             "as_user": as_user, "toolchain": tc, "arch": arch, "arch_why": arch_why}
 
 
-def _steps_path_prefix(facts: dict, cfg: dict) -> list[str]:
-    """The shim directory first on PATH (step 3), from the compiler helper when it offers build_env."""
+def _steps_env(facts: dict, cfg: dict) -> dict[str, str]:
+    """Step 3's build environment (provision.steps.compiler.build_env: shims first on PATH)."""
     try:
         from . import compiler as compstep
         fn = getattr(compstep, "build_env", None)
         if fn is not None:
-            path = (fn(facts, cfg) or {}).get("PATH", "")
-            return [p for p in path.split(":") if p and p != "$PATH"]
-    except Exception:  # not there yet: the same value, derived from config
+            return dict(fn(facts, cfg) or {})
+    except Exception:  # not there: the same value, derived from config
         pass
-    return [cfg["compiler"]["shim_dir"]]
+    f = _bfact(facts)
+    return {"PATH": cfg["compiler"]["shim_dir"].rstrip("/") + ":" + (f.get("path") or "/usr/local/bin:/usr/bin:/bin")}
 
 
 def configure_argv(p: dict) -> list[str]:
@@ -691,6 +705,11 @@ def compile_targets(host, p: dict, echo: Callable[[str], None] = print) -> dict[
         out = e.stdout + "\n" + e.stderr
         oom = bool(OOM_RE.search(out))
         first = progress.failed[0] if progress.failed else _first_error(out)
+        if not progress.total:   # output not streamed (e.g. a runner without out_stream): read it back
+            for line in out.splitlines():
+                m = NINJA_RE.match(line)
+                if m:
+                    progress.done, progress.total = int(m.group(1)), int(m.group(2))
         fix = ("a compiler was killed (out of memory?): lower build.jobs or raise build.mem_per_job_gb, then run "
                "again; the build continues where it stopped" if oom else
                "see the output below and the step log; after fixing the cause, run again: the build continues")
