@@ -96,10 +96,15 @@ def diagnose(log: Log, *, serve: dict[str, Any] | None = None, dialect: str = "u
             cpu = sum(v for k, v in target.model_buffers.items() if k.startswith("CPU"))
             if cpu:
                 per_layer = cpu / ncm
+        n_layers = (target.offloaded[1] - 1) if target and target.offloaded else None
         if per_layer and failed_mib:
             more = max(1, math.ceil(failed_mib / per_layer))
-            moe_fix = (f"raise serve.n_cpu_moe from {ncm} to {ncm + more} (about {per_layer:.0f} MiB of experts per "
-                       f"layer leave the GPU; {failed_mib:.0f} MiB were missing)")
+            if n_layers and ncm + more > n_layers:
+                moe_fix = (f"even all {n_layers} layers' experts on the CPU (serve.n_cpu_moe={n_layers}) free only about "
+                           f"{(n_layers - ncm) * per_layer:.0f} of the {failed_mib:.0f} MiB missing: set it and")
+            else:
+                moe_fix = (f"raise serve.n_cpu_moe from {ncm} to {ncm + more} (about {per_layer:.0f} MiB of experts per "
+                           f"layer leave the GPU; {failed_mib:.0f} MiB were missing)")
         else:
             moe_fix = (f"raise serve.n_cpu_moe from {ncm} to {ncm + 2} or more"
                        + (f" ({failed_mib:.0f} MiB were missing)" if failed_mib else "")

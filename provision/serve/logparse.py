@@ -28,7 +28,7 @@ ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # `0.00.291.952 I ` (minutes.seconds.ms.us then a level letter), either part optional.
 PREFIX_RE = re.compile(r"^(?:\d+\.\d{2}\.\d{3}\.\d{3} )?(?:[IWEDT] )?")
 LOADER_RE = re.compile(r"llama_model_loader: loaded meta data with (\d+) key-value pairs and (\d+) tensors from (.+?)"
-                       r"(?: \(version [^)]*\))?\s*$")
+                       r"(?: \(version .*\))?\s*$")
 ARCH_RE = re.compile(r"llama_model_loader: - kv\s+\d+:\s+general\.architecture\s+str\s+=\s+(\S+)")
 OFFLOAD_RE = re.compile(r"load_tensors: offloaded (\d+)/(\d+) layers to GPU")
 MODEL_BUF_RE = re.compile(r"load_tensors:\s+(\S+) model buffer size =\s*([\d.]+) MiB")
@@ -63,7 +63,7 @@ SPEC_FIELD_RE = re.compile(r"#(gen drafts|acc drafts|gen tokens|acc tokens|mean 
 SPEC_DUR_RE = re.compile(r"dur\(b,g,a\) =\s*([\d.]+),\s*([\d.]+),\s*([\d.]+) ms")
 MEM_HEADER_RE = re.compile(r"memory breakdown \[MiB\]")
 MEM_ROW_RE = re.compile(r"-\s+(.+?)\s*\|\s*(\d+)\s*=\s*(\d+)\s*\+\s*\(\s*(\d+)\s*=\s*(\d+)\s*\+\s*(\d+)\s*\+\s*(\d+)\s*\)\s*\+\s*(-?\d+)")
-MEM_HOST_RE = re.compile(r"-\s+(Host|\S+)\s*\|\s*(\d+)\s*=\s*(\d+)\s*\+\s*(\d+)\s*\+\s*(\d+)\s*$")
+MEM_HOST_RE = re.compile(r"-\s+(Host|\S+)\s*\|\s*(\d+)\s*=\s*(\d+)\s*\+\s*(\d+)\s*\+\s*(\d+)\s*\|?\s*$")
 
 
 @dataclass

@@ -1,0 +1,65 @@
+"""doctor: findings from parsed logs (GPU-style samples from fork-cli.md formats, and real CPU logs)."""
+
+from pathlib import Path
+
+from provision.serve import doctor, logparse
+
+LOGS = Path(__file__).resolve().parent.parent / "data" / "logs"
+SERVE = {"n_cpu_moe": 21, "ctx_size": 131072, "n_gpu_layers": 99, "cache_type_k": "turbo3", "cache_type_v": "turbo3"}
+
+
+def find(name, **kw):
+    log = logparse.parse((LOGS / name).read_text())
+    return {f.code: f for f in doctor.diagnose(log, serve=SERVE, **kw)}
+
+
+def test_assistant_cpu_buffer_presync_remedy():
+    f = find("gpu-style-presync-embd-on-cpu.log", dialect="pre-sync")["draft-embedding-on-cpu"]
+    assert f.severity == "warning"
+    assert "CPU 384.00 MiB" in f.title and "assistant.Q4_K_M.gguf" in f.title
+    assert '--override-tensor-draft "token_embd\\.weight=CUDA0"' in f.fix
+    assert f.evidence == ["load_tensors: CPU model buffer size = 384.00 MiB"]
+
+
+def test_assistant_cpu_buffer_postsync_points_at_ngld():
+    f = find("gpu-style-presync-embd-on-cpu.log", dialect="post-sync")["draft-embedding-on-cpu"]
+    assert "-ngld" in f.fix
+
+
+def test_no_embedding_finding_when_assistant_is_on_gpu():
+    codes = find("gpu-style-postsync-prefixed.log", dialect="post-sync")
+    assert "draft-embedding-on-cpu" not in codes
+    assert codes["flash-attn-fallback"].severity == "warning"
+    assert codes["draft-acceptance"].title.startswith("draft acceptance 70.0%")
+
+
+def test_oom_at_load_with_numbers():
+    f = find("gpu-style-oom-at-load.log")["oom-at-load"]
+    assert f.severity == "error"
+    # 4200 MiB of experts for 21 layers on the CPU = 200 MiB per layer; 1200 MiB missing -> 6 more layers
+    assert "raise serve.n_cpu_moe from 21 to 27" in f.fix
+    assert "lower serve.ctx_size from 131072 to 65536" in f.fix
+
+
+def test_mlock_and_gpu_not_visible():
+    codes = find("gpu-style-mlock-and-nogpu.log", facts={"gpus": [], "systemd": "yes"})
+    assert "LimitMEMLOCK=infinity" in codes["mlock-failed"].fix
+    g = codes["gpu-not-visible"]
+    assert g.severity == "error" and "nvidia-smi sees no GPU" in g.detail and "invoke driver" in g.fix
+    assert "reboot" in g.detail
+
+
+def test_cpu_build_is_not_an_embedding_problem():
+    # A CPU-only build has nothing but CPU buffers: no GPU in the log -> no embedding finding, no GPU finding
+    log = logparse.parse((LOGS / "gpu-style-presync-embd-on-cpu.log").read_text().replace("CUDA0", "CPU")
+                         .replace("ggml_cuda_init: found 1 CUDA devices", "x"))
+    codes = {f.code for f in doctor.diagnose(log, serve=SERVE, dialect="pre-sync")}
+    assert "draft-embedding-on-cpu" not in codes and "gpu-not-visible" not in codes
+
+
+def test_unknown_architecture_load_error():
+    text = ("llama_model_loader: loaded meta data with 3 key-value pairs and 2 tensors from /m/a.gguf (version GGUF V3 (latest))\n"
+            "llama_model_load: error loading model: error loading model architecture: unknown model architecture: 'gemma4_assistant'\n"
+            "srv  llama_server: exiting due to model loading error\n")
+    f = {x.code: x for x in doctor.diagnose(logparse.parse(text))}["load-error"]
+    assert "gemma4-assistant" in f.fix and "build.profile" in f.fix

@@ -1,0 +1,114 @@
+"""logparse on log text: REAL CPU logs (tests/data/logs/cpu-*.log, captured from the upstream CPU llama-server
+serving provision.testmodels GGUFs) and GPU-style samples written strictly from fork-cli.md's line formats
+(tests/data/logs/gpu-style-*.log; see the README there: they are not program output)."""
+
+from pathlib import Path
+
+import pytest
+
+from provision.serve import logparse
+
+LOGS = Path(__file__).resolve().parent.parent / "data" / "logs"
+MODEL = "/home/u/Models/gemma-4-26B-A4B-it-Q4_K_M.gguf"
+ASSISTANT = "/home/u/Models/gemma-4-26B-A4B-it-assistant.Q4_K_M.gguf"
+
+
+def read(name):
+    return (LOGS / name).read_text()
+
+
+def test_presync_bare_lines_two_models():
+    log = logparse.parse(read("gpu-style-presync-embd-on-cpu.log"))
+    assert [m.role for m in log.models] == ["target", "draft"]
+    t, d = log.target, log.draft
+    assert t.path == MODEL and d.path == ASSISTANT            # "(version GGUF V3 (latest))" is not part of the path
+    assert t.arch == "gemma4" and d.arch == "gemma4_assistant"
+    assert t.offloaded == (31, 31) and d.offloaded == (5, 5)
+    assert t.model_buffers == {"CUDA0": 5123.45, "CPU_Mapped": 9876.54}
+    assert d.model_buffers == {"CUDA0": 61.2, "CPU": 384.0}
+    assert t.kv_buffers == {"CUDA0": 810.0} and d.kv_buffers == {"CUDA0": 10.0}
+    assert t.compute_buffers == {"CUDA0": 517.0, "CUDA_Host": 264.01}
+    assert log.cuda_devices_found == 1
+    assert log.devices == [{"index": 0, "name": "NVIDIA GeForce GTX 1080", "compute_capability": "6.1",
+                            "vmm": "yes", "vram_mib": 8107}]
+    assert log.ready and log.listening == "http://127.0.0.1:8080"
+    (r,) = log.requests
+    assert (r.slot, r.task, r.prompt_n, r.prompt_per_second, r.predicted_n, r.predicted_per_second, r.total_ms) == \
+        (0, 7, 24, 46.84, 128, 31.9, 4524.34)
+    # the recipe build's wording: "draft acceptance rate ="
+    assert (r.draft_acceptance, r.draft_accepted, r.draft_generated, r.draft_mean_len) == (0.6125, 49, 80, None)
+
+
+def test_postsync_prefixed_lines_trace_stats_memory():
+    log = logparse.parse(read("gpu-style-postsync-prefixed.log"))
+    assert [m.role for m in log.models] == ["target", "draft"]
+    assert log.draft.model_buffers == {"CUDA0": 445.2}
+    (r,) = log.requests
+    assert (r.draft_acceptance, r.draft_accepted, r.draft_generated, r.draft_mean_len) == (0.7, 28, 40, 2.4)
+    (st,) = log.spec_stats
+    assert st["type"] == "draft-mtp" and (st["calls_begin"], st["calls_draft"], st["calls_accept"]) == (1, 20, 20)
+    assert st["acc_tokens"] == 28 and st["dur_ms"] == [0.012, 85.3, 1.2]
+    assert log.memory[0] == {"device": "CUDA0 (GTX 1080)", "total": 8107, "free": 402, "self": 7213, "model": 5568,
+                             "context": 820, "compute": 825, "unaccounted": 492}
+    assert log.memory[1]["device"] == "Host" and log.memory[1]["model"] == 9876
+    assert len(log.fa_fallbacks) == 1 and "Flash Attention is assigned to device CPU" in log.fa_fallbacks[0]
+
+
+def test_roles_by_path_when_order_differs():
+    text = read("gpu-style-presync-embd-on-cpu.log")
+    log = logparse.parse(text, target_path=ASSISTANT, draft_path=MODEL)   # deliberately swapped
+    assert log.model("target").path == ASSISTANT and log.model("draft").path == MODEL
+
+
+def test_oom_at_load():
+    log = logparse.parse(read("gpu-style-oom-at-load.log"))
+    assert len(log.oom) == 3 and log.exited_on_load_error and not log.ready
+    assert any("failed to allocate CUDA0 buffer of size 1258291200" in l for l in log.oom)
+    why = logparse.explain_exit(read("gpu-style-oom-at-load.log"))
+    assert why[-1] == "srv  llama_server: exiting due to model loading error"
+    assert any("cudaMalloc failed: out of memory" in l for l in why)
+
+
+def test_mlock_and_cuda_init_failure():
+    log = logparse.parse(read("gpu-style-mlock-and-nogpu.log"))
+    assert log.cuda_init_error == "no CUDA-capable device is detected"
+    assert len(log.mlock_failures) == 1 and "15728640000-byte" in log.mlock_failures[0]
+
+
+def test_prefix_and_colour_are_stripped():
+    assert logparse.clean("0.00.291.952 E gguf_init_from_file: failed") == "gguf_init_from_file: failed"
+    assert logparse.clean("\x1b[32m0.01.000.001 I \x1b[0mload_tensors: x") == "load_tensors: x"
+    assert logparse.clean("load_tensors: bare") == "load_tensors: bare"
+
+
+def test_last_run_keeps_only_the_latest_start():
+    text = ("gpubox: llama-server start 2026-01-01T00:00:00Z pid 1 uid 0\nold line\n"
+            "gpubox: llama-server start 2026-01-01T00:01:00Z pid 2 uid 0\nnew line\n")
+    assert logparse.last_run(text) == "new line\n"
+    assert logparse.last_run("no marker\n") == "no marker\n"
+
+
+CPU_LOGS = sorted(LOGS.glob("cpu-*.log"))
+
+
+@pytest.mark.skipif(not CPU_LOGS, reason="no real CPU logs recorded yet")
+def test_real_cpu_log_with_draft_model():
+    text = read("cpu-moe-draft.log")
+    log = logparse.parse(text)
+    assert [m.role for m in log.models] == ["target", "draft"]
+    assert all(m.path.endswith(".gguf") for m in log.models)
+    t = log.target
+    assert t.model_buffers and all(k.startswith("CPU") for k in t.model_buffers)
+    assert t.offloaded is not None and t.offloaded[0] == 0
+    assert t.kv_buffers.get("CPU", 0) > 0 and t.compute_buffers.get("CPU", 0) > 0
+    assert log.ready and log.listening.startswith("http://127.0.0.1:")
+    assert log.requests and log.requests[0].prompt_n > 0 and log.requests[0].predicted_per_second > 0
+    assert any(r.draft_generated for r in log.requests)
+
+
+@pytest.mark.skipif(not CPU_LOGS, reason="no real CPU logs recorded yet")
+def test_real_cpu_log_of_a_failed_load():
+    text = read("cpu-load-error.log")
+    log = logparse.parse(text)
+    assert log.load_errors and log.exited_on_load_error
+    assert logparse.explain_exit(text)
