@@ -95,9 +95,9 @@ def files(cfg: dict, facts: dict, rendered, *, model_name: str = "") -> dict[str
         out[lay.unit] = render_template("llama-server.service.j2", model_name=model_name or "the model", user=user,
                                         group=user, env_file=lay.env, launch_script=lay.launch, log_file=lay.log)
     else:
-        login = facts["user"]["name"] if isinstance(facts.get("user"), dict) else ""
+        # The supervisor runs as root (sudo when the login user is not root); the server drops to its user.
         prefix = ""
-        if user != login and user != "root" or (user == "root" and login not in ("root", "")):
+        if user != "root":
             prefix = cmd(["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--"]) + " "
         out[lay.supervise] = render_template("llama-server-supervise.sh.j2", log_file=lay.log,
                                              server_pid=lay.server_pid, supervisor_pid=lay.supervisor_pid,

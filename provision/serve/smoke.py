@@ -93,6 +93,13 @@ def parse_response(raw: str) -> Response:
     return Response(status, body, headers)
 
 
+def http_command(serve: dict, path: str, timeout: int = 10) -> str:
+    """A GET as one shell command (for testinfra's host.run, which takes no stdin); parse with parse_response."""
+    h, p = connect_host(serve), serve["port"]
+    return sh("timeout {t} bash -c {s} < /dev/null", t=timeout,
+              s=sh(_CLIENT, h=h, p=p, m="GET", path=path, hp=f"{h}:{p}"))
+
+
 def http(host, serve: dict, method: str, path: str, payload: Any = None, timeout: int = 10) -> Response:
     """One HTTP request from the target to its own llama-server. status 0 = no connection."""
     h, p = connect_host(serve), serve["port"]

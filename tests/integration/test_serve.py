@@ -1,0 +1,253 @@
+"""Integration: the serve step for real -- a real llama-server (CPU build of upstream llama.cpp), tiny GGUFs from
+provision.testmodels (a llama MoE target so --n-cpu-moe has experts to move, a dense draft model), the real
+supervisor, real HTTP, the real log.
+
+Target: GPUBOX_SERVE_TARGET=sandbox runs it in the sandbox through the `conn` fixture (tests/integration/
+conftest.py) with the llama-server that the build step built there (build.build_dir); otherwise (default) on
+this host through an Invoke Context with the llama-server at $GPUBOX_LLAMA_SERVER (default
+~/.cache/gpubox/llama-local/build/bin/llama-server). Either way the code under test is the same: facts, check,
+apply, wait_ready, smoke, logparse, doctor.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from provision import config
+from provision.engine import CHANGED, OK, Runner, StepError
+from provision.facts import gather
+from provision.host import Host
+from provision.serve import doctor, logparse, service, smoke, step
+from provision.testmodels import write_tiny
+
+pytestmark = pytest.mark.integration
+
+LOCAL_SERVER = Path(os.environ.get("GPUBOX_LLAMA_SERVER",
+                                   os.path.expanduser("~/.cache/gpubox/llama-local/build/bin/llama-server")))
+TARGET = os.environ.get("GPUBOX_SERVE_TARGET", "local")
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Target:
+    """Where the server runs: an Invoke Context (this host) or a Fabric Connection (the sandbox)."""
+
+    def __init__(self, c, remote_dir: str, build_dir: str):
+        self.c, self.dir, self.build_dir = c, remote_dir, build_dir
+
+    def put(self, local: Path, remote: str) -> None:
+        if hasattr(self.c, "put"):
+            self.c.put(str(local), remote)
+        else:
+            Path(remote).parent.mkdir(parents=True, exist_ok=True)
+            Path(remote).write_bytes(local.read_bytes())
+
+    def cfg(self, name: str, **serve) -> dict:
+        g = config.defaults()["gpubox"]
+        g["state_dir"] = f"{self.dir}/{name}/state"
+        g["report_dir"] = str(Path(os.environ.get("TMPDIR", "/tmp")) / "gpubox-serve-it" / name / "reports")
+        g["build"]["build_dir"] = self.build_dir
+        g["build"]["cuda"] = False
+        g["models"]["dir"] = f"{self.dir}/models"
+        g["models"]["files"]["model"]["filename"] = "tiny-moe.gguf"
+        g["models"]["files"]["assistant"]["filename"] = "tiny-draft.gguf"
+        g["serve"].update(dict(
+            port=free_port(), ctx_size=2048, n_cpu_moe=1, n_gpu_layers=99, spec_type="draft-simple",
+            cache_type_k="f16", cache_type_v="f16", cache_type_k_draft="f16", cache_type_v_draft="f16",
+            override_tensor_draft=[], ready_timeout=120, mlock=True, mmap=False))
+        g["serve"].update(serve)
+        return config.validate(g)
+
+
+@pytest.fixture(scope="module")
+def target(request, tmp_path_factory):
+    local_models = tmp_path_factory.mktemp("models")
+    moe = write_tiny(local_models / "tiny-moe.gguf", arch="llama", n_experts=4, seed=0)
+    draft = write_tiny(local_models / "tiny-draft.gguf", arch="llama", seed=1)
+    broken = write_tiny(local_models / "tiny-unknown-arch.gguf", general_arch="gpubox-no-such-arch", seed=2)
+    if TARGET == "sandbox":
+        conn = request.getfixturevalue("conn")
+        cfg0 = config.validate(config.defaults()["gpubox"])
+        bd = cfg0["build"]["build_dir"]
+        if conn.run(f"test -x {bd}/bin/llama-server", warn=True, hide=True).exited != 0:
+            pytest.skip(f"no llama-server built in the sandbox at {bd}/bin (run the build step there first)")
+        t = Target(conn, "/var/tmp/gpubox-serve-it", bd)
+        conn.run(f"rm -rf {t.dir} && mkdir -p {t.dir}/models", hide=True)
+    else:
+        if not LOCAL_SERVER.exists():
+            pytest.skip(f"no local llama-server at {LOCAL_SERVER} (set GPUBOX_LLAMA_SERVER)")
+        from invoke import Config, Context
+        c = Context(Config(overrides={"run": {"in_stream": False}}))
+        t = Target(c, str(tmp_path_factory.mktemp("serve-target")), str(LOCAL_SERVER.parent.parent))
+    for f in (moe, draft, broken):
+        t.put(f, f"{t.dir}/models/{f.name}")
+    return t
+
+
+def run_step(t: Target, cfg: dict, plan=False):
+    host = Host(t.c)
+    rep = Runner(host, cfg, [step], plan=plan, echo=lambda s: None).run()
+    return host, rep.steps[0], rep
+
+
+def facts_of(t: Target, cfg: dict) -> tuple[Host, dict]:
+    host = Host(t.c)
+    return host, gather(host, cfg, [step])
+
+
+@pytest.fixture(scope="module")
+def served(target):
+    cfg = target.cfg("main")
+    host, res, rep = run_step(target, cfg)
+    yield cfg, res
+    h, f = facts_of(target, cfg)
+    service.stop(h, cfg, f)
+
+
+def test_serve_starts_and_proves(target, served):
+    cfg, res = served
+    assert res.status == CHANGED, res.error
+    assert [c["what"] for c in res.changes][-1] == "start llama-server"
+    argv = res.info["argv"]
+    assert argv[0].endswith("/bin/llama-server") and res.info["dialect"] == "upstream"
+    assert "--n-cpu-moe" in argv and "--spec-type" in argv and "draft-simple" in argv
+    assert res.info["mode"] == "supervisor"          # neither this host nor the sandbox runs systemd
+    assert any("no systemd on this host" in a for a in res.attention)
+    host, facts = facts_of(target, cfg)
+    assert facts["serve"]["argv"] == argv                                   # the running process IS the command
+    r = smoke.smoke(host, cfg["serve"])
+    assert r.ok, r.error
+    assert r.prompt_n > 0 and r.prompt_per_second > 0 and r.predicted_n > 0 and r.predicted_per_second > 0
+    assert r.reply.strip() and r.reply.isprintable()
+    assert r.draft_n is not None and r.draft_n > 0                          # the draft model drafted
+    print("\n" + r.line())
+    assert "tiny-moe.gguf" in " ".join(smoke.models(host, cfg["serve"]))
+    log = logparse.parse(service.read_log(host, cfg, facts))
+    assert [m.role for m in log.models] == ["target", "draft"]
+    assert log.target.path.endswith("tiny-moe.gguf") and log.draft.path.endswith("tiny-draft.gguf")
+    assert log.target.model_buffers and log.target.kv_buffers and log.target.compute_buffers
+    assert log.ready and log.requests and log.requests[-1].predicted_n == r.predicted_n
+    assert log.requests[-1].draft_generated == r.draft_n and log.requests[-1].draft_accepted == r.draft_n_accepted
+    findings = doctor.diagnose(log, serve=cfg["serve"], dialect="upstream", facts=facts)
+    assert not [f for f in findings if f.severity == "error"], doctor.summary(findings)
+
+
+def test_second_run_zero_changes(target, served):
+    cfg, _ = served
+    _, res, rep = run_step(target, cfg)
+    assert res.status == OK and res.changes == [] and rep.changed == 0
+
+
+def test_one_setting_changed_restarts_with_the_new_command(target, served):
+    cfg, _ = served
+    host, before = facts_of(target, cfg)
+    old_pid = before["serve"]["pid"]
+    cfg2 = copy.deepcopy(cfg)
+    cfg2["serve"]["ctx_size"] = 4096
+    _, res, _ = run_step(target, cfg2)
+    assert res.status == CHANGED, res.error
+    restart = [c for c in res.changes if c["what"].startswith("restart llama-server")]
+    assert restart and restart[0]["why"] == "-c 2048 -> 4096"
+    _, after = facts_of(target, cfg2)
+    assert after["serve"]["pid"] != old_pid
+    argv = after["serve"]["argv"]
+    assert argv[argv.index("-c") + 1] == "4096"
+    assert smoke.http(host, cfg2["serve"], "GET", "/health").status == 200
+    # and back, so the module's config is the running one again
+    _, res, _ = run_step(target, cfg)
+    assert res.status == CHANGED
+
+
+def test_supervisor_restarts_a_crashed_server(target, served):
+    cfg, _ = served
+    host, f = facts_of(target, cfg)
+    pid = f["serve"]["pid"]
+    host.run(["kill", "-9", pid])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        _, f2 = facts_of(target, cfg)
+        if f2["serve"].get("pid") and f2["serve"]["pid"] != pid and \
+                smoke.http(host, cfg["serve"], "GET", "/health").status == 200:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("the supervisor did not restart llama-server within 30 s")
+    assert "restarting in 5 s" in service.read_log(host, cfg, f2, last=False)
+
+
+@pytest.mark.parametrize("key,value", [("cache_type_k", "turbo9"), ("ctx_size", 0), ("ctx_size", -4096),
+                                       ("ctx_size", "128k"), ("ctx_size", 1.5)])
+def test_bad_settings_are_config_errors(key, value):
+    g = config.defaults()["gpubox"]
+    g["serve"][key] = value
+    with pytest.raises(config.ConfigError) as e:
+        config.validate(g)
+    assert f"gpubox.serve.{key} = {value!r}" in str(e.value)
+
+
+def _refused(target, cfg, served_cfg) -> str:
+    host, before = facts_of(target, served_cfg)
+    _, res, _ = run_step(target, cfg)
+    _, after = facts_of(target, served_cfg)
+    assert res.status == "failed"
+    assert after["serve"]["pid"] == before["serve"]["pid"]        # nothing was restarted or started
+    return res.error
+
+
+def test_option_the_binary_lacks_is_an_error_before_start(target, served):
+    cfg, _ = served
+    bad = copy.deepcopy(cfg)
+    bad["serve"]["cache_type_k"] = "turbo3"                       # valid for the fork, not for upstream
+    err = _refused(target, bad, cfg)
+    assert "serve.cache_type_k = 'turbo3'" in err and "/bin/llama-server" in err and "upstream" in err
+
+
+def test_missing_model_file_is_an_error_before_start(target, served):
+    cfg, _ = served
+    bad = copy.deepcopy(cfg)
+    bad["models"]["files"]["model"]["filename"] = "no-such-model.gguf"
+    err = _refused(target, bad, cfg)
+    assert "no-such-model.gguf does not exist" in err and "invoke models" in err
+
+
+def test_port_in_use_is_an_error_before_start(target, served):
+    cfg, _ = served
+    if TARGET == "sandbox":
+        pytest.skip("the listener would have to run inside the sandbox's namespace")
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    try:
+        bad = copy.deepcopy(cfg)
+        bad["serve"]["port"] = s.getsockname()[1]
+        err = _refused(target, bad, cfg)
+        assert f"port {bad['serve']['port']} on 127.0.0.1 is already in use" in err
+    finally:
+        s.close()
+
+
+def test_server_that_exits_during_load_is_reported_with_its_log_lines(target):
+    cfg = target.cfg("broken", draft_model="")
+    cfg["models"]["files"]["model"]["filename"] = "tiny-unknown-arch.gguf"
+    t0 = time.monotonic()
+    host, res, _ = run_step(target, cfg)
+    took = time.monotonic() - t0
+    assert res.status == "failed"
+    assert "exited during load" in res.error and "not ready after" not in res.error
+    assert "unknown model architecture: 'gpubox-no-such-arch'" in res.error
+    assert took < cfg["serve"]["ready_timeout"]
+    _, f = facts_of(target, cfg)
+    assert not f["serve"].get("pid") and not f["serve"].get("supervisor_pid")   # no restart loop left behind
