@@ -27,6 +27,7 @@ from provision.engine import Runner
 from provision.host import Host
 from provision.steps import BY_NAME, STEPS
 from provision.serve import tasks as serve_tasks
+from provision.tune import tasks as tune_tasks
 
 REPO = Path(__file__).resolve().parent
 
@@ -147,4 +148,5 @@ def report(c, set=None):
 ns = Collection(plan, provision, driver, cuda, compiler, patch, build, models, verify, report)
 ns.add_collection(serve_tasks.ns)   # invoke serve, serve.start|stop|status|logs
 ns.add_task(serve_tasks.doctor)       # invoke doctor
+ns.add_task(tune_tasks.tune)          # invoke tune
 ns.configure(config.defaults())

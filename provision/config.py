@@ -315,6 +315,11 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
 
     want_int("tune.margin_mib", 0)
     want_int("tune.max_probes", 1, 50)
+    want_int("tune.overhead_prior_mib", 0, 65536)
+    want_int("tune.probe_port", 1, 65535)
+    want_int("tune.probe_prompt_tokens", 1, 1 << 20)
+    want_int("tune.probe_gen_tokens", 1, 4096)
+    want_bool("tune.speed_check")
 
     if problems:
         raise ConfigError(problems)
