@@ -28,6 +28,7 @@ from provision.host import Host
 from provision.steps import BY_NAME, STEPS
 from provision.serve import tasks as serve_tasks
 from provision.tune import tasks as tune_tasks
+from provision.sandbox.tasks import sandbox_ns, demo
 
 REPO = Path(__file__).resolve().parent
 
@@ -149,4 +150,6 @@ ns = Collection(plan, provision, driver, cuda, compiler, patch, build, models, v
 ns.add_collection(serve_tasks.ns)   # invoke serve, serve.start|stop|status|logs
 ns.add_task(serve_tasks.doctor)       # invoke doctor
 ns.add_task(tune_tasks.tune)          # invoke tune
+ns.add_collection(sandbox_ns, name="sandbox")  # invoke sandbox.up|down|status|reset
+ns.add_task(demo)                     # invoke demo: the whole journey on the sandbox
 ns.configure(config.defaults())

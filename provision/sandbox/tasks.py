@@ -1,0 +1,123 @@
+"""Invoke tasks for the sandbox: `invoke sandbox.up|down|status|reset` and `invoke demo`.
+
+`demo` is the README's main job on a machine without Fedora or a GPU: bring the sandbox up, run
+`fab -S <its ssh config> -H gpubox provision` over real SSH (with the sandbox's config overrides:
+file:// CUDA repo, the llama.cpp mirror at its SHA, CPU-only build, HF_ENDPOINT = the local server),
+run `verify` (testinfra over SSH) against it, print the report. Exit status: 0 when every step that ran
+is done or only waits for what a chroot cannot do (reboot, module load: reported as attention, not as
+done); 1 when a step FAILED or verify found a failure; the report is printed either way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from invoke import Collection, Exit, task
+
+from . import runtime
+from .paths import REPO_ROOT, Paths
+
+
+def _info_lines(inf: runtime.Info) -> list[str]:
+    return [
+        f"ssh config:      {inf.ssh_config}",
+        f"ssh:             ssh -F {inf.ssh_config} gpubox",
+        f"fab:             {inf.fab_command}",
+        f"testinfra:       --hosts=ssh://gpubox --ssh-config={inf.ssh_config}",
+        f"hf endpoint:     {inf.hf_endpoint or '(provision/hfserver.py missing: none)'}  (HF_ENDPOINT, target and host)",
+        f"git mirror:      {inf.git_url} @ {inf.git_sha}",
+        f"cuda repo:       {inf.cuda_repo_baseurl}",
+        f"overrides:       {inf.overrides_file}  (gpubox: mapping; demo and tests apply it)",
+        f"persistent dir:  {inf.persist_mount} in the target (survives sandbox.reset; ccache lives there)",
+    ]
+
+
+def _fail(e: Exception) -> Exit:
+    return Exit(f"sandbox: {e}", code=1)
+
+
+@task
+def up(c):
+    """Create (first time, minutes) and start the sandbox host `gpubox`; prints how to reach it."""
+    try:
+        t0 = time.monotonic()
+        inf = runtime.up()
+    except runtime.SandboxError as e:
+        raise _fail(e)
+    print(f"sandbox up in {time.monotonic() - t0:.1f}s")
+    print("\n".join(_info_lines(inf)))
+
+
+@task
+def down(c):
+    """Stop everything the sandbox started (by PID), remove its namespace; keeps the cache."""
+    try:
+        done = runtime.down(log=lambda m: None)
+    except runtime.SandboxError as e:
+        raise _fail(e)
+    print("\n".join(done) if done else "sandbox: nothing was up")
+
+
+@task
+def status(c):
+    """Show what is built and what is running."""
+    print(json.dumps(runtime.status(), indent=2))
+
+
+@task
+def reset(c):
+    """Back to the pristine state (drops the target's writable layer; the persistent cache stays)."""
+    try:
+        t0 = time.monotonic()
+        runtime.reset()
+    except runtime.SandboxError as e:
+        raise _fail(e)
+    print(f"sandbox reset in {time.monotonic() - t0:.2f}s")
+
+
+sandbox_ns = Collection("sandbox", up, down, status, reset)
+
+
+def demo_env(inf: runtime.Info) -> dict:
+    """The controller's environment for running gpubox against the sandbox: Fabric reads the overrides
+    as its project config file is not read (testbed.md), so they go in through -f (runtime config)."""
+    env = dict(os.environ)
+    if inf.hf_endpoint:
+        env["HF_ENDPOINT"] = inf.hf_endpoint
+    return env
+
+
+@task(help={"only": "comma-separated steps to run", "skip": "comma-separated steps to skip",
+            "reset": "start from the pristine sandbox (default: yes)"})
+def demo(c, only=None, skip=None, reset=True):
+    """The whole journey on the sandbox: sandbox.up, `fab -H gpubox provision`, verify, report."""
+    try:
+        inf = runtime.up()
+        if reset:
+            runtime.reset()
+    except runtime.SandboxError as e:
+        raise _fail(e)
+    print("== sandbox")
+    print("\n".join(_info_lines(inf)))
+    env = demo_env(inf)
+    fab = [sys.executable, "-m", "fabric", "-S", inf.ssh_config, "-H", "gpubox", "-f", inf.overrides_file]
+    steps = ["provision"]
+    if only:
+        steps.append(f"--only={only}")
+    if skip:
+        steps.append(f"--skip={skip}")
+    print("\n== provision: " + " ".join(["fab", *fab[3:], *steps]))
+    rc_prov = subprocess.call([*fab, *steps], cwd=str(REPO_ROOT), env=env)
+    print("\n== verify: " + " ".join(["fab", *fab[3:], "verify"]))
+    rc_ver = subprocess.call([*fab, "verify"], cwd=str(REPO_ROOT), env=env)
+    print("\n== report")
+    rc_rep = subprocess.call([*fab, "report"], cwd=str(REPO_ROOT), env=env)
+    print(f"\ndemo: provision exit {rc_prov}, verify exit {rc_ver}, report exit {rc_rep}")
+    print(f"the sandbox stays up: `ssh -F {inf.ssh_config} gpubox`, `invoke sandbox.down` to stop it")
+    if rc_prov or rc_ver or rc_rep:
+        raise Exit(code=1)
