@@ -55,8 +55,8 @@ def wanted(facts: dict, cfg: dict) -> tuple[render.Rendered, dict[str, str], dic
     if sf.get("model_readable") != "yes":
         missing.append(f"model file {model} does not exist or is not readable")
     if draft and sf.get("draft_readable") != "yes":
-        missing.append(f"draft/assistant file {draft} (serve.draft_model={cfg['serve']['draft_model']}) does not exist "
-                       "or is not readable")
+        missing.append(f"draft/assistant file {draft} does not exist or is not readable "
+                       f"(serve.draft_model={cfg['serve']['draft_model']})")
     if missing:
         raise StepError("serve: " + "; ".join(missing),
                         "download the models (invoke models), or fix models.dir / models.files; "

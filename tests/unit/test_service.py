@@ -1,0 +1,122 @@
+"""service + the serve step's pure check(): the files rendered from templates/, and what check() decides from facts
+(the recorded post-sync --help stands in for the binary; no commands run)."""
+
+import copy
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from provision import config
+from provision.engine import StepError
+from provision.serve import render, service, step
+
+HELP = Path(__file__).resolve().parent.parent / "data" / "help"
+
+
+@pytest.fixture
+def cfg():
+    g = config.defaults()["gpubox"]
+    g["user"] = "alice"
+    return config.validate(g)
+
+
+def facts(systemd="yes", **serve):
+    sf = {"binary": "yes", "model_readable": "yes", "draft_readable": "yes", "port": "closed",
+          "help": (HELP / "llama-server-help.current-b10018-1.2.0.txt").read_text()}
+    sf.update(serve)
+    return {"serve": sf, "home": "/home/alice", "user": {"name": "alice", "uid": 1000}, "systemd": systemd}
+
+
+def wanted_argv(cfg, f):
+    return step.wanted(f, cfg)[0].argv
+
+
+def test_unit_and_launch_files(cfg):
+    f = facts()
+    r, files, _ = step.wanted(f, cfg)
+    unit = files[service.UNIT_PATH]
+    for line in ("LimitMEMLOCK=infinity", "Restart=on-failure", "User=alice",
+                 "ExecStart=/var/lib/gpubox/serve/llama-server.sh",
+                 "EnvironmentFile=/var/lib/gpubox/serve/llama-server.env",
+                 "StandardError=append:/var/lib/gpubox/serve/llama-server.log"):
+        assert line in unit.splitlines(), line
+    env = files["/var/lib/gpubox/serve/llama-server.env"]
+    assert "LD_LIBRARY_PATH=/opt/gpubox/build/llama.cpp/bin:/usr/local/cuda-12.9/lib64" in env
+    launch = files["/var/lib/gpubox/serve/llama-server.sh"]
+    exec_line = [l for l in launch.splitlines() if l.startswith("exec ")][0]
+    assert shlex.split(exec_line)[1:] == r.argv                     # the regex survives the quoting
+    assert r"token_embd\.weight=CUDA0" in r.argv
+    assert r.argv[r.argv.index("-m") + 1] == "/home/alice/Models/gemma-4-26B-A4B-it-Q4_K_M.gguf"
+    assert "ulimit -l unlimited" in launch
+    assert service.layout(cfg).supervise not in files               # systemd host: no supervisor
+
+
+def test_scripts_are_valid_bash(cfg, tmp_path):
+    files = step.wanted(facts(systemd="no"), cfg)[1]
+    for path, text in files.items():
+        if path.endswith(".sh"):
+            p = tmp_path / Path(path).name
+            p.write_text(text)
+            assert subprocess.run(["bash", "-n", str(p)]).returncode == 0, path
+
+
+def test_no_systemd_gives_a_supervisor_that_drops_to_the_user(cfg):
+    files = step.wanted(facts(systemd="no"), cfg)[1]
+    assert service.UNIT_PATH not in files
+    sup = files["/var/lib/gpubox/serve/llama-server-supervise.sh"]
+    assert "setpriv --reuid=alice --regid=alice --init-groups -- /var/lib/gpubox/serve/llama-server.sh" in sup
+    assert "restarting in 5 s" in sup and "giving up" in sup
+
+
+def test_check_not_running_starts(cfg):
+    chk = step.check(facts(), cfg)
+    assert not chk.satisfied
+    assert [c.what for c in chk.changes][-1] == "start llama-server"
+    assert chk.info["dialect"] == "post-sync" and chk.info["mode"] == "systemd"
+
+
+def test_check_satisfied_when_files_and_process_match(cfg):
+    f = facts()
+    r, files, _ = step.wanted(f, cfg)
+    lay = service.layout(cfg, "/home/alice")
+    f["serve"].update(file_launch=service.sha(files[lay.launch]), file_env=service.sha(files[lay.env]),
+                      file_unit=service.sha(files[lay.unit]), pid="4242", argv=r.argv, port="open")
+    chk = step.check(f, cfg)
+    assert chk.satisfied and chk.changes == []
+    # one setting changed: restart, and the why says what changed
+    cfg2 = copy.deepcopy(cfg)
+    cfg2["serve"]["n_cpu_moe"] = 24
+    chk = step.check(f, cfg2)
+    assert [c.what for c in chk.changes] == ["write /var/lib/gpubox/serve/llama-server.sh",
+                                            "restart llama-server with the new command"]
+    assert chk.changes[-1].why == "--n-cpu-moe 21 -> 24"
+
+
+def test_check_refuses_before_start(cfg):
+    with pytest.raises(StepError, match="no llama-server at /opt/gpubox/build/llama.cpp/bin/llama-server"):
+        step.check(facts(binary=""), cfg)
+    with pytest.raises(StepError, match="gemma-4-26B-A4B-it-assistant.Q4_K_M.gguf does not exist"):
+        step.check(facts(draft_readable=""), cfg)
+    with pytest.raises(StepError, match="port 8080 on 127.0.0.1 is already in use by another process"):
+        step.check(facts(port="open"), cfg)
+    up = facts()
+    up["serve"]["help"] = up["serve"]["help"].replace("turbo2, turbo3, turbo4", "")
+    with pytest.raises(StepError, match=r"serve.cache_type_k = 'turbo3'"):
+        step.check(up, cfg)
+
+
+def test_drop_is_reported_as_a_warning(cfg):
+    up = facts()
+    up["serve"]["help"] = up["serve"]["help"].replace("turbo2, turbo3, turbo4", "")
+    cfg["serve"]["on_missing_option"] = "drop"
+    chk = step.check(up, cfg)
+    assert len(chk.warnings) == 4 and all("left out" in w for w in chk.warnings)
+    assert "-ctk" not in chk.info["argv"]
+
+
+def test_no_draft_model(cfg):
+    cfg["serve"]["draft_model"] = ""
+    argv = wanted_argv(cfg, facts(draft_readable=""))
+    assert "--mtp-head" not in argv and "-ngld" not in argv
