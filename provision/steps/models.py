@@ -30,7 +30,6 @@ import os
 import shlex
 import sys
 import time
-from pathlib import Path
 
 from .. import config as cfgmod
 from .. import fetch as fetchmod
@@ -333,6 +332,14 @@ def spec(facts: dict, cfg: dict, items: dict, token: str | None) -> dict:
             "profile": pin.get("profile"), "arch_fix": fix}
 
 
+def write_lock(host, path: str, text: str) -> None:
+    """Atomic write of the lock (temp file + rename). The JSON is an argument, not stdin: Invoke/Fabric
+    feed stdin one byte per 10 ms (host.write_file would take ~20 s for this file)."""
+    script = ('set -e; p="$1"; d=$(dirname "$p"); mkdir -p "$d"; t=$(mktemp "$d/.gpubox-lock.XXXXXX"); '
+              'printf "%s" "$2" > "$t"; chmod 0644 "$t"; mv -f "$t" "$p"')
+    host.run(["sh", "-c", script, "gpubox-lock", path, text], root=True)
+
+
 def _needs_root(facts: dict, cfg: dict) -> bool:
     user = facts.get("user")
     login = user.get("name") if isinstance(user, dict) else None
@@ -350,10 +357,10 @@ def apply(host, facts: dict, cfg: dict, check: Check):
     results, errors = [], []
     if work:
         token = os.environ.get("HF_TOKEN") or None
-        payload = dict(spec(facts, cfg, work, token), src=Path(fetchmod.__file__).read_text())
+        sp = dict(spec(facts, cfg, work, None), token_stdin=bool(token))
         render = Render(mcfg["progress_interval"])
-        r = host.run(["python3", "-c", fetchmod.BOOT], stdin=json.dumps(payload) + "\n", root=_needs_root(facts, cfg),
-                     check=False, stream=render)
+        r = host.run(["python3", "-c", fetchmod.BOOT, fetchmod.packed_source(), json.dumps(sp)],
+                     stdin=(token + "\n") if token else None, root=_needs_root(facts, cfg), check=False, stream=render)
         found = render.tagged("result")
         errors = render.tagged("error")
         if found:
@@ -367,7 +374,7 @@ def apply(host, facts: dict, cfg: dict, check: Check):
     old = m.get("lock") if isinstance(m.get("lock"), dict) and "_error" not in m.get("lock") else None
     new = lockfile.build(old, facts, cfg, results)
     if new != old:
-        host.write_file(lockfile.path(cfg), lockfile.dumps(new), mode="0644", root=True)
+        write_lock(host, lockfile.path(cfg), lockfile.dumps(new))
     # Ownership of files that were already in place.
     owner = _owner(cfg)
     for key, it in items.items():
