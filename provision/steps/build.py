@@ -298,14 +298,10 @@ def plan(facts: dict, cfg: dict) -> dict[str, Any]:
             first, login_path = parts[:1], ":".join(parts[1:])
         # Then nvcc's directory: nvcc finds its own tools (ptxas, fatbinary) and cmake its CUDA through it.
         env["PATH"] = ":".join(dict.fromkeys([*first, posixpath.dirname(tc["nvcc"]), *login_path.split(":")]))
-    if f.get("ccache"):
-        if b.get("ccache_dir"):
-            env["CCACHE_DIR"] = expand_home(b["ccache_dir"], home) if home else b["ccache_dir"]
-        # Paths below the common parent of source and build are hashed relative, so a tree that moved
-        # (or a sandbox with other paths) still hits the cache.
-        base = posixpath.commonpath([src, bld]) if src.startswith("/") and bld.startswith("/") else ""
-        if base and base != "/":
-            env["CCACHE_BASEDIR"] = base
+    if f.get("ccache") and b.get("ccache_dir"):
+        # The cache survives deleting the build directory (and, in CI, a sandbox reset): the paths of a
+        # rebuild are the same, so its compiler commands hash the same.
+        env["CCACHE_DIR"] = expand_home(b["ccache_dir"], home) if home else b["ccache_dir"]
     login = facts.get("user", {}).get("name") if isinstance(facts.get("user"), dict) else ""
     owner = cfg.get("user") or login or ""
     as_user = owner if cfg.get("user") and login and cfg["user"] != login else ""
