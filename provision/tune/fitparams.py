@@ -59,18 +59,17 @@ def device_total(est: dict[str, Estimate], device: Optional[str] = None) -> int:
 
 
 def argv(binary: str, *, model: str, n_cpu_moe: int, ctx: int, serve: dict, accepted=None) -> list[str]:
-    """The fit-params command for one value at the user's settings. `accepted(flag) -> bool` (from the
-    binary's parsed --help) leaves out options this build does not know; they are the ones that do not
-    change device memory on a single GPU (e.g. -np on some builds)."""
+    """The fit-params command for one value at the user's settings. `accepted(flag) -> bool` comes from the
+    binary's parsed --help (None: not known)."""
     args = [binary, "-m", model, "-fitp", "on", "-ngl", str(serve.get("n_gpu_layers", 999)),
             "-c", str(ctx), "-fa", str(serve.get("flash_attn", "on")),
             "-ctk", str(serve.get("cache_type_k", "f16")), "-ctv", str(serve.get("cache_type_v", "f16"))]
     if n_cpu_moe:
         args += ["-ncmoe", str(n_cpu_moe)]
-    opt = [("-np", str(serve.get("parallel", 1)))]
+    # -np is a server option upstream (fit-params then assumes one sequence, like serve.parallel 1): pass it
+    # only where this build's --help lists it.
+    if accepted is not None and accepted("-np"):
+        args += ["-np", str(serve.get("parallel", 1))]
     if serve.get("override_tensor"):
-        opt.append(("-ot", ",".join(serve["override_tensor"])))
-    for flag, val in opt:
-        if accepted is None or accepted(flag):
-            args += [flag, val]
+        args += ["-ot", ",".join(serve["override_tensor"])]
     return args

@@ -9,6 +9,7 @@
 # prompt batch) with generated tokens, or a chat request for the speed check. Peak memory = the largest `memory.used` nvidia-smi saw (every 100 ms) minus
 # the value just before the server started. Output: `@@key value` lines, then the response and the log tail.
 set -u
+ulimit -c 0 2>/dev/null   # an abort must not dump a core of a 16 GiB mapping
 work=$1; port=$2; ready_to=$3; req_to=$4; gpu=$5; rpath=$6; rbody=$7
 shift 7
 [ "${1:-}" = "--" ] && shift
@@ -18,7 +19,33 @@ rm -f "$log" "$mem" "$resp" "$req"
 now() { date +%s.%N; }
 later() { awk -v a="$(now)" -v b="$1" 'BEGIN { exit !(a > b) }'; }
 
-if curl -s -o /dev/null -m 2 "http://127.0.0.1:$port/health"; then
+# HTTP: curl where it exists, else python3's urllib (the tuner already needs python3 on the target).
+if command -v curl >/dev/null 2>&1; then
+    http_get() { curl -s -o /dev/null -m 2 -w '%{http_code}' "http://127.0.0.1:$port$1" 2>/dev/null; }
+    http_post() { curl -s -m "$req_to" -o "$resp" -w '%{http_code}' -H 'Content-Type: application/json' \
+        --data-binary @"$req" "http://127.0.0.1:$port$1"; }
+else
+    http_get() { python3 -c 'import sys, urllib.request as u, urllib.error as e
+try:
+    print(u.urlopen(sys.argv[1], timeout=2).status)
+except e.HTTPError as x:
+    print(x.code)
+except Exception:
+    print("000")' "http://127.0.0.1:$port$1"; }
+    http_post() { python3 -c 'import sys, urllib.request as u, urllib.error as e
+url, body, out, t = sys.argv[1], open(sys.argv[2], "rb").read(), sys.argv[3], float(sys.argv[4])
+try:
+    r = u.urlopen(u.Request(url, body, {"Content-Type": "application/json"}), timeout=t)
+    code, data = r.status, r.read()
+except e.HTTPError as x:
+    code, data = x.code, x.read()
+except Exception:
+    code, data = "000", b""
+open(out, "wb").write(data)
+print(code)' "http://127.0.0.1:$port$1" "$req" "$resp" "$req_to"; }
+fi
+
+if [ "$(http_get /health)" != 000 ]; then
     echo "@@state error"
     echo "@@detail port $port on 127.0.0.1 already answers HTTP: another server is running there (set tune.probe_port)"
     exit 0
@@ -38,7 +65,7 @@ state=loading
 end=$(awk -v t="$t0" -v d="$ready_to" 'BEGIN { printf "%.3f", t + d }')
 while :; do
     if ! kill -0 "$srv" 2>/dev/null; then state=exited; break; fi
-    code=$(curl -s -o /dev/null -m 2 -w '%{http_code}' "http://127.0.0.1:$port/health" 2>/dev/null)
+    code=$(http_get /health)
     if [ "$code" = 200 ]; then state=ready; break; fi
     if later "$end"; then state=timeout; break; fi
     sleep 0.2
@@ -48,8 +75,7 @@ t_ready=$(now)
 http=""
 if [ "$state" = ready ]; then
     printf '%s' "$rbody" >"$req"
-    http=$(curl -s -m "$req_to" -o "$resp" -w '%{http_code}' -H 'Content-Type: application/json' \
-        --data-binary @"$req" "http://127.0.0.1:$port$rpath")
+    http=$(http_post "$rpath")
     sleep 0.3
     if kill -0 "$srv" 2>/dev/null; then
         if [ "$http" = 200 ]; then state=ok; else state=badresponse; fi
