@@ -1,0 +1,251 @@
+"""fetch.py (the target-side downloader) run locally against a real hfserver with the real huggingface_hub:
+fresh download, already present, SIGKILL mid-transfer then resume, corrupted byte, wrong pinned hash,
+disk preflight, architecture mismatch, token never printed, header readers."""
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from provision import fetch, hfserver
+from provision.testmodels import write_tiny
+
+REPO = "AtomicChat/tiny-assistant-GGUF"
+NAME = "tiny-assistant.Q4_K_M.gguf"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    p = write_tiny(root / REPO / NAME, general_arch="gemma4-assistant", n_embd=256, n_layers=4, n_ff=512)
+    return root, p.read_bytes()
+
+
+def serve(root, **kw):
+    return hfserver.start(str(root), **kw)[0]
+
+
+def spec(srv, dest, **file_kw):
+    f = {"key": "assistant", "repo": REPO, "filename": NAME, "revision": "main", **file_kw}
+    return {"dir": str(dest), "endpoint": srv.url, "progress": "machine", "files": [f]}
+
+
+def run(sp):
+    out = io.StringIO()
+    rc = fetch.run_spec(sp, out=out)
+    lines = out.getvalue().splitlines()
+    tagged = {t: [json.loads(x.split(" ", 1)[1]) for x in lines if x.startswith(f"@@{t} ")] for t in ("result", "error")}
+    return rc, tagged, out.getvalue()
+
+
+def gets(srv):
+    return [r for r in srv.requests if r["method"] == "GET" and "/resolve/" in r["path"]]
+
+
+def leftovers(dest):
+    return sorted(p.name for p in Path(dest).iterdir() if p.name.startswith("."))
+
+
+def test_fresh_download_then_present_means_no_transfer(models, tmp_path):
+    root, data = models
+    srv = serve(root)
+    try:
+        rc, t, _ = run(spec(srv, tmp_path / "m"))
+        assert rc == 0, t
+        (r,) = t["result"][0]["files"]
+        assert r["sha256"] == hashlib.sha256(data).hexdigest() and r["verified"] and r["expected_from"] == "hub"
+        assert r["arch"] == "gemma4-assistant" and r["transferred"] == len(data) and len(r["commit"]) == 40
+        assert (tmp_path / "m" / NAME).read_bytes() == data and leftovers(tmp_path / "m") == []
+        # With what the lock would hold: no request at all.
+        srv.requests.clear()
+        known = {k: r[k] for k in ("commit", "sha256", "size", "mtime_ns")}
+        rc, t, _ = run(spec(srv, tmp_path / "m", known=known))
+        assert rc == 0 and t["result"][0]["files"][0]["action"] == "kept" and srv.requests == []
+        # Without a lock: HEAD + hash of the existing file, still no GET.
+        rc, t, _ = run(spec(srv, tmp_path / "m"))
+        assert rc == 0 and t["result"][0]["files"][0]["action"] == "verify" and gets(srv) == []
+    finally:
+        srv.shutdown()
+
+
+def test_sigkill_mid_transfer_then_resume_from_the_partial(models, tmp_path):
+    root, data = models
+    size = len(data)
+    srv = serve(root, rate=size / 3)          # ~3 s for the whole file
+    dest = tmp_path / "m"
+    sp = spec(srv, dest, known={})
+    sp_file = tmp_path / "spec.json"
+    sp_file.write_text(json.dumps(sp))
+    partial = dest / f".{NAME}.gpubox-partial"
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "provision.fetch", "download", "--spec", str(sp_file)],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (partial.exists() and partial.stat().st_size >= size // 2):
+            time.sleep(0.02)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        have = partial.stat().st_size
+        assert size // 2 <= have < size, (have, size)
+        assert not (dest / NAME).exists()                     # never visible under the final name
+        assert (dest / f".{NAME}.gpubox-partial.json").exists()
+        first = sum(r["sent"] for r in gets(srv))
+        rc, t, out = run(sp)
+        assert rc == 0, t
+        (r,) = t["result"][0]["files"]
+        assert r["action"] == "resume" and r["resumed_from"] == have and r["transferred"] == size - have
+        resumed = gets(srv)[-1]
+        assert resumed["range"] == f"bytes={have}-" and resumed["status"] == 206
+        # bytes sent twice: only what the killed process received but had not written yet
+        assert first + resumed["sent"] - size <= 0.05 * size
+        assert (dest / NAME).read_bytes() == data and leftovers(dest) == []
+        assert f"resuming at" in out
+    finally:
+        srv.shutdown()
+
+
+def test_a_partial_for_another_commit_is_discarded(models, tmp_path):
+    root, data = models
+    srv = serve(root)
+    dest = tmp_path / "m"
+    dest.mkdir()
+    (dest / f".{NAME}.gpubox-partial").write_bytes(b"x" * 1000)
+    (dest / f".{NAME}.gpubox-partial.json").write_text(json.dumps({"repo": REPO, "filename": NAME, "commit": "f" * 40}))
+    try:
+        rc, t, _ = run(spec(srv, dest))
+        assert rc == 0 and t["result"][0]["files"][0]["action"] == "download"
+        assert gets(srv)[-1]["range"] is None and (dest / NAME).read_bytes() == data and leftovers(dest) == []
+    finally:
+        srv.shutdown()
+
+
+def test_corrupted_byte_is_rejected_and_nothing_lands(models, tmp_path):
+    root, data = models
+    srv = serve(root, corrupt={f"{REPO}/{NAME}": [len(data) // 2]})
+    dest = tmp_path / "m"
+    try:
+        rc, t, _ = run(spec(srv, dest))
+        assert rc == fetch.EXIT_FAILED
+        (e,) = t["error"]
+        good = hashlib.sha256(data).hexdigest()
+        assert e["kind"] == "sha256" and e["expected"] == good and e["actual"] != good
+        assert good in e["message"] and e["actual"] in e["message"]
+        assert not (dest / NAME).exists() and leftovers(dest) == []
+    finally:
+        srv.shutdown()
+
+
+def test_wrong_pinned_hash_is_rejected_before_downloading(models, tmp_path):
+    root, data = models
+    srv = serve(root)
+    try:
+        rc, t, _ = run(spec(srv, tmp_path / "m", sha256="0" * 64))
+        (e,) = t["error"]
+        assert rc == fetch.EXIT_FAILED and e["kind"] == "sha256"
+        assert "0" * 64 in e["message"] and hashlib.sha256(data).hexdigest() in e["message"]
+        assert gets(srv) == [] and not (tmp_path / "m" / NAME).exists()
+    finally:
+        srv.shutdown()
+
+
+def test_disk_preflight_refuses_before_any_byte(models, tmp_path):
+    root, _ = models
+    srv = serve(root)
+    try:
+        sp = spec(srv, tmp_path / "m")
+        sp["reserve_bytes"] = fetch.free_bytes(str(tmp_path)) + 1
+        rc, t, _ = run(sp)
+        (e,) = t["error"]
+        assert rc == fetch.EXIT_FAILED and e["kind"] == "disk" and "reserve_gb" in e["message"]
+        assert e["free"] < e["need"] + e["reserve"]
+        assert gets(srv) == []
+    finally:
+        srv.shutdown()
+
+
+def test_architecture_mismatch_is_an_error_that_names_both(models, tmp_path):
+    root, _ = models
+    srv = serve(root)
+    try:
+        sp = spec(srv, tmp_path / "m", expect_arch="gemma4_assistant")
+        sp["arch_fix"] = "--set build.profile=current"
+        rc, t, _ = run(sp)
+        assert rc == fetch.EXIT_FAILED
+        (e,) = t["error"]
+        assert e["kind"] == "arch" and e["expected"] == "gemma4_assistant" and e["actual"] == "gemma4-assistant"
+        assert e["fix"] == "--set build.profile=current"
+        # the verified file is in place and reported, so the lock can record it (a profile switch needs no download)
+        assert t["result"][0]["files"][0]["arch"] == "gemma4-assistant"
+    finally:
+        srv.shutdown()
+
+
+def test_token_is_sent_but_never_printed(models, tmp_path):
+    root, _ = models
+    srv = serve(root, token="hf_SeCrEt123")
+    try:
+        sp = spec(srv, tmp_path / "m")
+        sp["token"] = "hf_SeCrEt123"
+        rc, t, out = run(sp)
+        assert rc == 0 and "hf_SeCrEt123" not in out
+        sp = spec(srv, tmp_path / "n")
+        sp["token"] = "hf_WrOnG456"
+        rc, t, out = run(sp)
+        assert rc == fetch.EXIT_FAILED and t["error"][0]["kind"] == "http" and "hf_WrOnG456" not in out
+    finally:
+        srv.shutdown()
+
+
+def test_bootstrap_runs_the_packed_source_with_the_token_on_stdin(models, tmp_path):
+    root, data = models
+    srv = serve(root, token="hf_T0k3n")
+    try:
+        sp = dict(spec(srv, tmp_path / "m"), token_stdin=True)
+        p = subprocess.run([sys.executable, "-c", fetch.BOOT, fetch.packed_source(), json.dumps(sp)],
+                           input="hf_T0k3n\n", capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "@@progress " in p.stdout and "@@result " in p.stdout and "hf_T0k3n" not in p.stdout + p.stderr
+        assert (tmp_path / "m" / NAME).read_bytes() == data
+    finally:
+        srv.shutdown()
+
+
+def test_header_readers_agree(models, tmp_path):
+    _, data = models
+    p = tmp_path / "a.gguf"
+    p.write_bytes(data)
+    hdr = fetch.read_header_pure(str(p))
+    assert hdr["kv"]["general.architecture"] == "gemma4-assistant" and hdr["version"] == 3
+    assert fetch.read_arch(str(p)) == ("gemma4-assistant", "gguf")
+    q = write_tiny(tmp_path / "q.gguf", arch="qwen3moe")
+    assert fetch.read_header_pure(str(q), stop_at="general.architecture")["kv"]["general.architecture"] == "qwen3moe"
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOPE" + data[4:100])
+    with pytest.raises(ValueError):
+        fetch.read_header_pure(str(bad))
+    trunc = tmp_path / "t.gguf"
+    trunc.write_bytes(data[:30])
+    with pytest.raises(ValueError):
+        fetch.read_header_pure(str(trunc))
+
+
+def test_progress_lines_and_bar():
+    out = io.StringIO()
+    p = fetch.Progress("lines", "f.gguf", 1000, 0, 0.0, out=out)
+    p.update(500)
+    p.update(1000, final=True)
+    text = out.getvalue()
+    assert "f.gguf:  50.0%" in text and "100.0%" in text and "/s, ETA" in text
+    out = io.StringIO()
+    b = fetch.Progress("bar", "f.gguf", 1000, 0, 0.0, out=out)
+    b.interval = 0
+    b.update(250)
+    assert out.getvalue().startswith("\r") and "[######" in out.getvalue() and "ETA" in out.getvalue()
