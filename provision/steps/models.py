@@ -285,11 +285,12 @@ class Render:
             except ValueError:
                 return
             done, total, rate = p["done"], p.get("total") or 0, p.get("rate") or 0
-            final = total and done >= total
+            final = bool(total and done >= total)
             now = time.monotonic()
-            if not self.tty and not final and now - self.last.get(p["file"], 0) < self.interval:
-                return
-            self.last[p["file"]] = now
+            last = self.last.get(p["file"])
+            if last == -1.0 or (not self.tty and not final and last is not None and now - last < self.interval):
+                return   # finished already, or too soon for another plain line
+            self.last[p["file"]] = -1.0 if final else now
             pct = 100 * done / total if total else 0
             text = (f"{p['file']}: {pct:5.1f}% {fetchmod.human(done)} of {fetchmod.human(total)}, "
                     f"{fetchmod.human(rate)}/s, ETA {fetchmod.eta(p.get('eta'))}")
