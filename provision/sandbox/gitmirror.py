@@ -61,11 +61,9 @@ def sdist_path(p: Paths, log=print) -> Path:
 
 
 def _key(sdist: Path) -> str:
-    h = hashlib.sha256()
-    with sdist.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    h.update(repr((STRIP, MIRROR_VERSION, GIT_ENV)).encode())
+    """The sdist's identity (name, size, mtime: hashing 76 MB on every `up` is not worth it) and the recipe."""
+    st = sdist.stat()
+    h = hashlib.sha256(repr((sdist.name, st.st_size, int(st.st_mtime), STRIP, MIRROR_VERSION, GIT_ENV)).encode())
     return h.hexdigest()[:16]
 
 

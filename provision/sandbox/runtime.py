@@ -197,8 +197,9 @@ def _write_ssh_config(p: Paths) -> None:
     p.ssh_config.write_text(text)
 
 
-def _overrides(sha: str, url: str) -> dict:
-    return {"gpubox": {
+def _overrides(sha: str, url: str, ssh_config: Path) -> dict:
+    # ssh_config_path: Fabric loads it (as `fab -S` does) and `verify` hands it to testinfra.
+    return {"ssh_config_path": str(ssh_config), "gpubox": {
         "cuda": {"repo_baseurl": CUDA_REPO_BASEURL, "repo_gpgcheck": False},
         "build": {"repo_url": url, "sha": sha, "cuda": False, "profile": "sandbox",
                   "profiles": {"sandbox": {"sha": sha, "dialect": "upstream", "assistant_arch": "llama"}},
@@ -326,7 +327,7 @@ def up(p: Paths | None = None, log=_log_default) -> Info:
             _down_locked(p, log=lambda m: None)
             raise
         url, sha = gitmirror.ensure(p, log)
-        p.overrides.write_text(yaml.safe_dump(_overrides(sha, url), sort_keys=False))
+        p.overrides.write_text(yaml.safe_dump(_overrides(sha, url, p.ssh_config), sort_keys=False))
         hf_url = f"http://{HOST_ADDRESS}:{HF_PORT}" if hf else ""
         inf = Info(ssh_config=str(p.ssh_config), host="gpubox", address=ADDRESS, hf_endpoint=hf_url,
                    hf_endpoint_host=hf_url, git_url=url, git_sha=sha, cuda_repo_baseurl=CUDA_REPO_BASEURL,
