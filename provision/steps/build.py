@@ -201,8 +201,14 @@ def architecture(facts: dict, cfg: dict) -> tuple[str, str]:
         return want, f"build.cuda_architectures = {want} (configured)"
     gpus = facts.get("gpus")
     if isinstance(gpus, list) and gpus:
-        archs = ",".join(sorted({str(g.get("arch")) for g in gpus}))
-        return "native", f"native: the visible GPU(s) ({', '.join(g.get('name', '?') for g in gpus)}; sm_{archs})"
+        archs = sorted({str(g.get("arch")) for g in gpus})
+        names = ", ".join(g.get("name", "?") for g in gpus)
+        m = re.search(r"(\d+)\.(\d+)", str(_bfact(facts).get("cmake_version") or ""))
+        if m and (int(m.group(1)), int(m.group(2))) < (3, 24):
+            # `native` needs CMake >= 3.24; nvidia-smi already named the card's architecture.
+            return ";".join(archs), (f"CMake {m.group(0)} < 3.24 has no `native`: using the visible GPU's "
+                                     f"architecture from nvidia-smi ({names}: {';'.join(archs)})")
+        return "native", f"native: the visible GPU(s) ({names}; sm_{','.join(archs)})"
     fb = str(b["fallback_architectures"])
     return fb, (f"no GPU visible (nvidia-smi lists none: a container, or the new driver is not loaded before "
                 f"the reboot), so `native` cannot work: using build.fallback_architectures = {fb}")
@@ -498,7 +504,7 @@ def check(facts: dict, cfg: dict) -> Check:
             changes.append(Change("configure", "not configured yet", [cmd(configure_argv(p))]))
         changes.append(Change(f"build {', '.join(p['targets'])} with {p['jobs']} jobs", "; ".join(why),
                               [cmd(build_argv(p))]))
-    if not f.get("dialect") and not why:
+    if not f.get("dialect") and not why and SERVER in p["targets"]:
         changes.append(Change(f"store {SERVER}'s flag dialect", f"no {DIALECT_FILE} next to the stamp",
                               [cmd([f"{p['build']}/bin/{SERVER}", "--help"])]))
     stamp = f.get("stamp") if isinstance(f.get("stamp"), dict) else {}

@@ -130,6 +130,12 @@ def test_no_gpu_falls_back_to_the_configured_arch_and_says_why():
     assert "no GPU visible" in chk.info["arch_why"]
 
 
+def test_native_needs_cmake_324_else_the_visible_gpus_arch():
+    cfg = cfg_with()
+    assert flags(facts_with(gpus=[H100], cmake_version="cmake version 3.22.1"), cfg)["CMAKE_CUDA_ARCHITECTURES"] == "90"
+    assert flags(facts_with(gpus=[H100], cmake_version="cmake version 3.28.3"), cfg)["CMAKE_CUDA_ARCHITECTURES"] == "native"
+
+
 def test_cpu_build_has_no_cuda_flags_and_uses_the_hosts_compilers():
     cfg = cfg_with("build.cuda=false")
     d = flags(facts_with(cxx_path="/usr/bin/c++", cc_path="/usr/bin/cc"), cfg)
@@ -244,6 +250,11 @@ def test_missing_dialect_is_a_change():
     f["build"]["dialect"] = False
     chk = build.check(f, cfg)
     assert [c.what for c in chk.changes] == ["store llama-server's flag dialect"]
+    # no llama-server among the targets: no dialect to store
+    cfg = cfg_with("build.targets=[llama-bench]")
+    f = built(facts_with(gpus=[GTX1080]), cfg)
+    f["build"]["dialect"] = False
+    assert build.check(f, cfg).satisfied
 
 
 def test_dirty_and_foreign_checkouts_are_reported():
