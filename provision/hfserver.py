@@ -258,11 +258,12 @@ class Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             self._record(status, 0, rng_header)
             return
-        sent = 0
+        self._sent = 0
         try:
-            sent = self._stream(fpath, f"{repo_id}/{filename}", start, length)
+            self._stream(fpath, f"{repo_id}/{filename}", start, length)
         finally:
-            self._record(status, sent, rng_header)
+            # counted as written, so a client killed mid-body still shows what it was sent
+            self._record(status, self._sent, rng_header)
 
     def _stream(self, fpath: str, key: str, start: int, length: int) -> int:
         rate = self.server.rate
@@ -289,6 +290,7 @@ class Handler(BaseHTTPRequestHandler):
                         time.sleep(delay)
                 self.wfile.write(data)
                 sent += len(data)
+                self._sent = sent
         return sent
 
     def _siblings(self, repo: Repo, names: list[str] | None = None) -> list[dict]:
