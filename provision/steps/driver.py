@@ -95,9 +95,10 @@ def parse_secure_boot(out: str, rc: int) -> dict:
 
 
 def parse_kernel_devel(out: str, rc: int) -> list[str]:
-    """Packages (NAME-VERSION-RELEASE.ARCH) providing `kernel-devel-uname-r = $(uname -r)`; [] if none."""
+    """Packages (NAME-VERSION-RELEASE.ARCH) with the running kernel's headers; [] if none."""
     return [ln.strip() for ln in out.splitlines()
-            if ln.strip() and "no package provides" not in ln and not ln.startswith("package ")]
+            if ln.strip() and not ln.startswith(("no package provides", "package ", "error:", "file "))
+            and "not owned by any package" not in ln]
 
 
 def _locks_cmd(cfg: dict) -> str:
@@ -105,8 +106,12 @@ def _locks_cmd(cfg: dict) -> str:
 
 
 def _kdevel_cmd(cfg: dict) -> str:
-    qf = r"%{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}\n"
-    return f'rpm -q --qf {shlex.quote(qf)} --whatprovides "kernel-devel-uname-r = $(uname -r)"'
+    # Fedora's kernel-devel provides `kernel-devel-uname-r = $(uname -r)` (what akmods requires) and owns
+    # /usr/src/kernels/$(uname -r); either answers (the second also where uname -r has dashes rpm's
+    # version comparison splits on).
+    qf = shlex.quote(r"%{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}\n")
+    return (f'k=$(uname -r); rpm -q --qf {qf} --whatprovides "kernel-devel-uname-r = $k" '
+            f'|| rpm -qf --qf {qf} "/usr/src/kernels/$k"')
 
 
 def _sb_cmd(cfg: dict) -> str:
@@ -159,7 +164,8 @@ def transaction(facts: dict, cfg: dict, installed: dict[str, str]) -> list[str]:
 
 
 def kernel_devel_spec(facts: dict) -> str:
-    return f"kernel-devel-uname-r = {facts.get('kernel')}"
+    """`kernel-devel-$(uname -r)`: a NEVRA on Fedora (kernel-devel-6.14.5-300.fc42.x86_64)."""
+    return f"kernel-devel-{facts.get('kernel')}"
 
 
 def kernel_devel_install(facts: dict) -> list[str]:
