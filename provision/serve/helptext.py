@@ -41,7 +41,10 @@ VALUE_SOURCES = {
     "cache_type_v_draft": "--cache-type-v-draft",
     "spec_type": "--spec-type",
     "flash_attn": "--flash-attn",
+    "load_mode": "--load-mode",       # upstream's replacement for --mlock/--no-mmap: "- auto: ..." items
 }
+# Choices listed as "- name: text" items in a description (upstream's --load-mode).
+ITEM_RE = re.compile(r"(?:^|\s)- ([a-z0-9][a-z0-9+_-]*):")
 
 DIALECTS = ("pre-sync", "post-sync", "upstream")
 
@@ -142,6 +145,8 @@ def parse(text: str) -> dict[str, Any]:
             vals = [v.strip() for v in allowed.group(1).replace("\n", " ").split(",") if v.strip()]
         else:
             vals = _arg_values(o["arg"])
+        if not vals and name == "load_mode":
+            vals = ITEM_RE.findall(o["help"])
         if vals:
             values[name] = vals
     out = {"flags": flags, "removed": removed, "values": values, "options": options}

@@ -63,6 +63,7 @@ SPELL = {
     "parallel": ["-np", "--parallel"],
     "mlock": ["--mlock"],
     "no_mmap": ["--no-mmap"],
+    "load_mode": ["--load-mode", "-lm"],
     "host": ["--host"],
     "port": ["--port"],
     "log_verbosity": ["-lv", "--log-verbosity", "--verbosity"],
@@ -195,10 +196,23 @@ def render(serve: dict[str, Any], parsed: dict[str, Any], *, binary: str, model_
     add("flash_attn", serve["flash_attn"])
     add("ctx_size", serve["ctx_size"])
     add("parallel", serve["parallel"])
-    if serve.get("mlock"):
-        add("mlock")
-    if not serve.get("mmap", True):
-        add("no_mmap", None, "mmap")
+    mlock, mmap = bool(serve.get("mlock")), bool(serve.get("mmap", True))
+    if spelling("mlock") or spelling("no_mmap") or not spelling("load_mode"):
+        if mlock:
+            add("mlock")
+        if not mmap:
+            add("no_mmap", None, "mmap")
+    elif mlock or not mmap:
+        # Upstream folded --mlock/--no-mmap into --load-mode (seen in llama-cpp-python 0.3.36's llama.cpp).
+        mode = {(True, True): "mmap+mlock", (True, False): "mlock", (False, False): "none"}[(mlock, mmap)]
+        allowed = parsed["values"].get("load_mode", [])
+        if allowed and mode not in allowed:
+            missing("mlock" if mlock else "mmap", mlock if mlock else mmap,
+                    f"--load-mode on this binary has no {mode!r} (allowed: {', '.join(allowed)})")
+        else:
+            notes.append(f"serve.mlock={str(mlock).lower()} serve.mmap={str(mmap).lower()} -> --load-mode {mode} "
+                         "(this binary has no --mlock/--no-mmap)")
+            add("load_mode", mode, "mlock")
     add("host", serve["host"])
     add("port", serve["port"])
     lv = serve.get("log_verbosity", "auto")

@@ -150,3 +150,17 @@ class TestUpstream:
             cfg["serve"][k] = "q8_0"
         r = render.render(cfg["serve"], up, binary="x", model_path=MODEL, draft_path=ASSISTANT)
         assert dict(r.pairs)["-ctk"] == "q8_0" and r.dropped == []
+
+    def test_mlock_and_no_mmap_become_load_mode(self, cfg, up):
+        # upstream (llama-cpp-python 0.3.36's llama.cpp) replaced --mlock/--no-mmap with --load-mode
+        for k in ("cache_type_k", "cache_type_v", "cache_type_k_draft", "cache_type_v_draft"):
+            cfg["serve"][k] = "f16"
+        r = render.render(cfg["serve"], up, binary="x", model_path=MODEL, draft_path=ASSISTANT)
+        p = dict(r.pairs)
+        assert p["--load-mode"] == "mlock" and "--mlock" not in p and "--no-mmap" not in p
+        cfg["serve"]["mmap"] = True
+        assert dict(render.render(cfg["serve"], up, binary="x", model_path=MODEL, draft_path=ASSISTANT).pairs)[
+            "--load-mode"] == "mmap+mlock"
+        cfg["serve"]["mlock"] = False
+        assert "--load-mode" not in dict(render.render(cfg["serve"], up, binary="x", model_path=MODEL,
+                                                       draft_path=ASSISTANT).pairs)
