@@ -298,7 +298,7 @@ def test_check_never_raises_on_unreadable_facts():
 # --- apply: the commands, against MockContext ------------------------------------------------------------
 
 def ctx(responses: dict) -> MockContext:
-    run = {re.compile(r"^sh -c "): Result()}   # Host.write_file
+    run = {re.compile(r"^sh -c "): Result(), re.compile(r"^mv -f \S+\.gpubox-tmp "): Result()}   # _write
     run.update(responses)
     return MockContext(run=run)
 
@@ -336,8 +336,12 @@ def test_apply_fresh_clone_configure_build_record(monkeypatch):
     assert "--target llama-server --parallel 4" in cmds[i_bld]   # 4 cores, 30 GiB
     assert not any("rm -rf" in c for c in cmds)           # nothing to reconfigure from scratch
     # the stamp is the last file written
-    writes = [c for c in cmds if c.startswith("sh -c ")]
-    assert "gpubox-stamp.json" in writes[-1] and "gpubox-dialect.json" in writes[-2]
+    moves = [c for c in cmds if c.startswith("mv -f ")]
+    assert moves[-1].endswith(" /opt/gpubox/build/llama.cpp/gpubox-stamp.json")
+    assert moves[-2].endswith(" /opt/gpubox/build/llama.cpp/gpubox-dialect.json")
+    # the 76 kB dialect goes in several argument-sized chunks, not through stdin
+    chunks = [c for c in cmds if c.startswith("sh -c ") and "gpubox-dialect.json.gpubox-tmp" in c]
+    assert len(chunks) >= 3 and all(len(c) < 100_000 for c in chunks)
     assert any("11.0 CPU-minutes" in ln for ln in lines)   # from bash's `times` after the build
     assert any("post-sync" in n or "dialect" in n for n in notes) or notes == []
 
@@ -512,6 +516,16 @@ def test_fact_script_reads_a_real_checkout(repo, tmp_path):
     assert f["bins"] == ["llama-server"] and f["version_rc"] == 0 and first[:7] in f["version"]
     assert f["stamp"] == {"sha": first, "cmake_args": ["-DA=1"]}
     assert f["cmake"] and f["git"] and f["cxx_version"]
+
+
+def test_write_is_atomic_and_exact_for_large_odd_content(tmp_path):
+    text = "".join(f"line {i} 'quote' \"dq\" $HOME `x` \\ é → …\n" for i in range(4000))   # ~180 kB
+    p = {"as_user": ""}
+    t0 = __import__("time").monotonic()
+    build._write(Host(Context()), p, str(tmp_path / "f.json"), text)
+    assert (tmp_path / "f.json").read_text() == text
+    assert not (tmp_path / "f.json.gpubox-tmp").exists()
+    assert __import__("time").monotonic() - t0 < 10
 
 
 def test_fact_script_quotes_paths(tmp_path):
