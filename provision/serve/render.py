@@ -166,7 +166,7 @@ def render(serve: dict[str, Any], parsed: dict[str, Any], *, binary: str, model_
         if spelling("draft_max"):
             add("draft_max", serve["draft_max"])
         elif helptext.accepts(parsed, "--spec-draft-n-max"):
-            notes.append(f"serve.draft_max {serve['draft_max']} not rendered: the post-sync dialect has no equivalent "
+            notes.append(f"serve.draft_max {serve['draft_max']} not rendered: this dialect (post-sync fork, upstream) has no equivalent "
                          "(--draft-max is a removed stub there; the block size bounds the draft)")
         else:
             missing("draft_max", serve["draft_max"], "this binary has no --draft-max")

@@ -32,7 +32,7 @@ SMOKE_MAX_TOKENS = 32
 
 # bash-only HTTP/1.1 client: request body on stdin; prints the raw response.
 _CLIENT = r'''
-body=$(cat; printf x); body=${body%x}
+body=$(cat; printf x); body=${{body%x}}
 export LC_ALL=C
 exec 3<>/dev/tcp/{h}/{p} || exit 7
 if [ {m} = GET ]; then

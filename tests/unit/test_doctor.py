@@ -63,3 +63,12 @@ def test_unknown_architecture_load_error():
             "srv  llama_server: exiting due to model loading error\n")
     f = {x.code: x for x in doctor.diagnose(logparse.parse(text))}["load-error"]
     assert "gemma4-assistant" in f.fix and "build.profile" in f.fix
+
+
+def test_real_cpu_logs():
+    ok = find("cpu-moe-draft.log", dialect="upstream")
+    assert set(ok) == {"draft-acceptance"}                  # a healthy CPU run: nothing wrong, acceptance reported
+    assert ok["draft-acceptance"].title == "draft acceptance 0.9% over 2 request(s)"   # 1 of 116 drafted tokens
+    bad = find("cpu-load-error.log", dialect="upstream")["load-error"]
+    assert bad.severity == "error"
+    assert any("unknown model architecture: 'gpubox-no-such-arch'" in e for e in bad.evidence)
