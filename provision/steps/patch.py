@@ -307,33 +307,59 @@ def analyze_text(text: str, rs: RuleSet) -> Analysis:
     return analyze(enumerate(text.splitlines(keepends=True), 1), rs)
 
 
-def transform(text: str, rs: RuleSet) -> str:
-    """The patched header. Raises StepError unless every rule matched exactly once; a header that is
-    already patched comes back unchanged."""
+@dataclass
+class Edits:
+    """The change as line edits of the original: `replace` {line number: new line (no newline)}, and
+    `insert` lines after line `insert_after` (0 = none). Small enough to send in a command; the target
+    applies them with awk and the result's sha256 must equal the text Python computed."""
+    replace: dict[int, str] = field(default_factory=dict)
+    insert_after: int = 0
+    insert: list[str] = field(default_factory=list)
+
+    def apply_to(self, text: str) -> str:
+        """The edited text, exactly as the target's awk writes it (every line ends in a newline)."""
+        if not self.replace and not self.insert:
+            return text
+        out = []
+        for n, line in enumerate(text.splitlines(keepends=True), 1):
+            line = self.replace[n] + "\n" if n in self.replace else line
+            out.append(line if line.endswith("\n") else line + "\n")
+            if n == self.insert_after:
+                out.extend(x + "\n" for x in self.insert)
+        return "".join(out)
+
+
+def edits_for(text: str, rs: RuleSet) -> Edits:
+    """The edits that patch `text`. Raises StepError unless every rule matched exactly once; an already
+    patched header gets no edits."""
     a = analyze_text(text, rs)
     if a.kind == "unknown":
         raise StepError(f"{NAME}: not a header these rules know: " + "; ".join(a.problems),
                         "see patches/README.md")
+    e = Edits()
     if a.satisfied:
-        return text
+        return e
     lines = text.splitlines(keepends=True)
     by_id = {r.id: r for r in rs.rules}
     for f in a.todo:
         for form in ("device", "host"):
             r = by_id[f"{f}/{form}"]
             n, _ = a.lines[r.id]
-            lines[n - 1] = r.rewrite(lines[n - 1])
+            e.replace[n] = r.rewrite(lines[n - 1]).rstrip("\r\n")
     if a.preamble == "absent":
-        at = next(i for i, line in enumerate(lines) if rs.anchor.search(line.rstrip("\r\n")))
-        if not lines[at].endswith("\n"):
-            lines[at] += "\n"
-        lines[at + 1:at + 1] = [x + "\n" for x in rs.preamble_lines()]
-    out = "".join(lines)
+        e.insert_after = next(i for i, line in enumerate(lines, 1) if rs.anchor.search(line.rstrip("\r\n")))
+        e.insert = rs.preamble_lines()
+    out = e.apply_to(text)
     after = analyze_text(out, rs)
     if not after.satisfied:     # a rule file whose rewrite it does not itself recognise
         raise StepError(f"{NAME}: the rules in {rs.path} do not produce a header they recognise as patched "
                         f"({after.kind}: {'; '.join(after.problems) or after.pairs})", "fix the rule file")
-    return out
+    return e
+
+
+def transform(text: str, rs: RuleSet) -> str:
+    """The patched header (unchanged when already patched); StepError for a header the rules do not know."""
+    return edits_for(text, rs).apply_to(text)
 
 
 # --- the fact -------------------------------------------------------------------------------------------
@@ -512,11 +538,19 @@ def _read(host, h: str) -> tuple[str, str, str | None, str]:
     return owner, mode, (backup.strip() if backup.strip() != "none" else None), text
 
 
-_WRITE = ('set -e; p=$1; want=$2; own=$3; mode=$4; d=$(dirname "$p"); t=$(mktemp "$d/.gpubox.XXXXXX"); '
-          'trap \'rm -f "$t"\' EXIT; cat > "$t"; '
-          'got=$(sha256sum < "$t" | cut -c1-64); '
-          'if [ "$got" != "$want" ]; then echo "gpubox: incomplete write of $p ($got != $want); not renamed" >&2; '
-          'exit 4; fi; chown "$own" "$t"; chmod "$mode" "$t"; mv -f "$t" "$p"; trap - EXIT')
+# The header is never streamed to the target (Invoke and Fabric feed a command's stdin one byte per
+# 10 ms): the target applies the line edits with awk to a temp file in the same directory, checks the
+# result's sha256 against the text Python computed, sets owner and mode, and renames it into place.
+_EDIT_AWK = ('{ k = "GPUBOX_L" NR; if (k in ENVIRON) print ENVIRON[k]; else print; '
+             'if (NR == ENVIRON["GPUBOX_AT"] + 0) printf "%s", ENVIRON["GPUBOX_INSERT"] }')
+
+_EDIT = ('set -e; p=$1; want=$2; own=$3; mode=$4; src=${5:-$1}; d=$(dirname "$p"); '
+         't=$(mktemp "$d/.gpubox.XXXXXX"); trap \'rm -f "$t"\' EXIT; '
+         'if [ -n "$GPUBOX_AWK" ]; then awk "$GPUBOX_AWK" "$src" > "$t"; else cat "$src" > "$t"; fi; '
+         'got=$(sha256sum < "$t" | cut -c1-64); '
+         'if [ "$got" != "$want" ]; then echo "gpubox: the new $p came out different ($got, expected $want); '
+         'not renamed, $p untouched" >&2; exit 4; fi; chown "$own" "$t"; chmod "$mode" "$t"; mv -f "$t" "$p"; '
+         'trap - EXIT')
 
 _BACKUP = ('set -e; h=$1; b=$2; want=$3; t=$(mktemp "$b.XXXXXX"); trap \'rm -f "$t"\' EXIT; cp -p "$h" "$t"; '
            'got=$(sha256sum < "$t" | cut -c1-64); '
@@ -524,11 +558,18 @@ _BACKUP = ('set -e; h=$1; b=$2; want=$3; t=$(mktemp "$b.XXXXXX"); trap \'rm -f "
            'mv -f "$t" "$b"; trap - EXIT')
 
 
-def write_atomic(host, path: str, text: str, owner: str, mode: str) -> None:
-    """Replace `path` with `text`: temp file in the same directory, its sha256 checked (a cut stdin
-    stream must never be renamed into place), owner and mode set, then rename."""
-    want = hashlib.sha256(text.encode()).hexdigest()
-    host.run(["sh", "-c", _WRITE, "sh", path, want, owner, mode], root=True, stdin=text)
+def edit_atomic(host, path: str, edits: Edits | None, want_sha256: str, owner: str, mode: str,
+                source: str | None = None) -> None:
+    """Replace `path` with `source` (default: `path` itself) edited by `edits` (None: copied as is),
+    atomically; the result must have sha256 `want_sha256` or nothing is renamed."""
+    env: dict[str, str] = {}
+    if edits is not None:
+        env = {f"GPUBOX_L{n}": line for n, line in edits.replace.items()}
+        env["GPUBOX_AT"] = str(edits.insert_after)
+        env["GPUBOX_INSERT"] = "".join(x + "\n" for x in edits.insert)
+        env["GPUBOX_AWK"] = _EDIT_AWK
+    host.run(["sh", "-c", _EDIT, "sh", path, want_sha256, owner, mode] + ([source] if source else []),
+             root=True, env=env or None)
 
 
 def apply(host, facts: dict, cfg: dict, check: Check):
@@ -540,13 +581,14 @@ def apply(host, facts: dict, cfg: dict, check: Check):
         raise _refuse_unknown(h, a, rs)
     if a.satisfied:
         return [f"{h} was already patched ({a.kind})"]
-    new = transform(text, rs)
+    edits = edits_for(text, rs)
+    new = edits.apply_to(text)
     cur = hashlib.sha256(text.encode()).hexdigest()
     # The backup holds the original: written when missing, and replaced when the header is unpatched
     # but differs from it (a package update brought a new original).
     if backup is None or (a.kind == "unpatched" and backup != cur):
         host.run(["sh", "-c", _BACKUP, "sh", h, h + BACKUP_SUFFIX, cur], root=True)
-    write_atomic(host, h, new, owner, mode)
+    edit_atomic(host, h, edits, hashlib.sha256(new.encode()).hexdigest(), owner, mode)
     return []
 
 
@@ -569,11 +611,7 @@ def undo(host, facts: dict, cfg: dict) -> list[str]:
             host.run(["rm", "-f", b], root=True)
             return [f"{h} is already the original; removed the backup"]
         return [f"{h} does not carry gpubox's patch ({a.kind}); left it and {b} alone"]
-    r = host.run(["cat", b], root=True)
-    orig = r.stdout
-    if hashlib.sha256(orig.encode()).hexdigest() != backup:
-        raise StepError(f"{NAME}: cannot undo: {b} was not read byte for byte", "run undo again")
-    write_atomic(host, h, orig, owner, mode)
+    edit_atomic(host, h, None, backup, owner, mode, source=b)
     host.run(["rm", "-f", b], root=True)
     return [f"restored {h} from {b}"]
 
@@ -588,4 +626,4 @@ def unified_diff(text: str, rs: RuleSet, label: str = "math_functions.h") -> str
 
 __all__ = ["NAME", "TITLE", "FACTS", "HEADER_FACT", "check", "apply", "undo", "state_of", "PatchState",
            "load_rules", "rules_for", "analyze", "analyze_text", "transform", "unified_diff", "header_path",
-           "write_atomic"]
+           "edit_atomic", "edits_for", "Edits"]
