@@ -143,5 +143,5 @@ def apply(host, facts: dict, cfg: dict, chk: Check, echo=print):
         # Do not leave a restart loop behind a server that cannot load: stop it, report the log lines.
         service.stop(host, cfg, facts)
         raise
-    notes = [f"llama-server ready in {ready['seconds']}s ({' -> '.join(ready['states']) or 'at once'}); {how}"]
+    notes = [f"llama-server ready in {ready['seconds']}s ({' -> '.join(ready['states']) or 'at once'})"]
     return notes
