@@ -204,6 +204,10 @@ def _overrides(sha: str, url: str, ssh_config: Path) -> dict:
         "build": {"repo_url": url, "sha": sha, "cuda": False, "profile": "sandbox",
                   "profiles": {"sandbox": {"sha": sha, "dialect": "upstream", "assistant_arch": "llama"}},
                   "ccache_dir": f"{PERSIST_MOUNT}/ccache"},
+        # Upstream llama.cpp (no turbo KV types, no MTP head for a llama-arch assistant), CPU-only, tiny models.
+        "serve": {"ctx_size": 4096, "cache_type_k": "f16", "cache_type_v": "f16", "cache_type_k_draft": "f16",
+                  "cache_type_v_draft": "f16", "draft_model": "", "override_tensor_draft": [], "flash_attn": "auto",
+                  "mlock": False, "ready_timeout": 120},
     }}
 
 
@@ -332,7 +336,7 @@ def up(p: Paths | None = None, log=_log_default) -> Info:
         inf = Info(ssh_config=str(p.ssh_config), host="gpubox", address=ADDRESS, hf_endpoint=hf_url,
                    hf_endpoint_host=hf_url, git_url=url, git_sha=sha, cuda_repo_baseurl=CUDA_REPO_BASEURL,
                    overrides_file=str(p.overrides), persist_mount=PERSIST_MOUNT,
-                   fab_command=f"fab -S {p.ssh_config} -H gpubox provision",
+                   fab_command=f"HF_ENDPOINT={hf_url} fab -S {p.ssh_config} -H gpubox -f {p.overrides} provision",
                    pids={"target": target, "hfserver": hf})
         p.state.write_text(json.dumps(asdict(inf), indent=2))
         return inf

@@ -3,13 +3,14 @@
 `demo` is the README's main job on a machine without Fedora or a GPU: bring the sandbox up, run
 `fab -S <its ssh config> -H gpubox provision` over real SSH (with the sandbox's config overrides:
 file:// CUDA repo, the llama.cpp mirror at its SHA, CPU-only build, HF_ENDPOINT = the local server),
-run `verify` (testinfra over SSH) against it, print the report. Exit status: 0 when every step that ran
+then `serve` (llama-server on the tiny models), `verify` (testinfra over SSH), and the report. Exit status: 0 when every step that ran
 is done or only waits for what a chroot cannot do (reboot, module load: reported as attention, not as
 done); 1 when a step FAILED or verify found a failure; the report is printed either way.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -95,7 +96,20 @@ def demo_env(inf: runtime.Info) -> dict:
 @task(help={"only": "comma-separated steps to run", "skip": "comma-separated steps to skip",
             "reset": "start from the pristine sandbox (default: yes)"})
 def demo(c, only=None, skip=None, reset=True):
-    """The whole journey on the sandbox: sandbox.up, `fab -H gpubox provision`, verify, report."""
+    """The whole journey on the sandbox: sandbox.up, `fab -H gpubox provision`, serve, verify, report."""
+    p = Paths.default()
+    p.root.mkdir(parents=True, exist_ok=True)
+    with open(p.lock, "w") as lock:
+        # The one sandbox is shared with test sessions: take turns (they hold this lock too).
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"demo: waiting for {p.lock} (a test session or another demo uses the sandbox)")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        _demo(only, skip, reset)
+
+
+def _demo(only, skip, reset):
     try:
         inf = runtime.up()
         if reset:
@@ -113,11 +127,17 @@ def demo(c, only=None, skip=None, reset=True):
         steps.append(f"--skip={skip}")
     print("\n== provision: " + " ".join(["fab", *fab[3:], *steps]))
     rc_prov = subprocess.call([*fab, *steps], cwd=str(REPO_ROOT), env=env)
+    rc_serve = None
+    if rc_prov == 0:
+        print("\n== serve: " + " ".join(["fab", *fab[3:], "serve"]))
+        rc_serve = subprocess.call([*fab, "serve"], cwd=str(REPO_ROOT), env=env)
+    else:
+        print("\n== serve: skipped (provision did not complete)")
     print("\n== verify: " + " ".join(["fab", *fab[3:], "verify"]))
     rc_ver = subprocess.call([*fab, "verify"], cwd=str(REPO_ROOT), env=env)
     print("\n== report")
     rc_rep = subprocess.call([*fab, "report"], cwd=str(REPO_ROOT), env=env)
-    print(f"\ndemo: provision exit {rc_prov}, verify exit {rc_ver}, report exit {rc_rep}")
+    print(f"\ndemo: provision exit {rc_prov}, serve exit {rc_serve}, verify exit {rc_ver}, report exit {rc_rep}")
     print(f"the sandbox stays up: `ssh -F {inf.ssh_config} gpubox`, `invoke sandbox.down` to stop it")
-    if rc_prov or rc_ver or rc_rep:
+    if rc_prov or rc_serve or rc_ver or rc_rep:
         raise Exit(code=1)
