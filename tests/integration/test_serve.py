@@ -2,8 +2,10 @@
 provision.testmodels (a llama MoE target so --n-cpu-moe has experts to move, a dense draft model), the real
 supervisor, real HTTP, the real log.
 
-Target: GPUBOX_SERVE_TARGET=sandbox runs it in the sandbox through the `conn` fixture (tests/integration/
-conftest.py) with the llama-server that the build step built there (build.build_dir); otherwise (default) on
+Target: GPUBOX_SERVE_TARGET=sandbox runs it in the sandbox (tests/integration/conftest.py's `sandbox`, the
+sandbox's gpubox overrides) with the llama-server that the build step built there (build.build_dir): run
+`pytest tests/integration/test_build.py tests/integration/test_serve.py` in one session, since a session resets
+the sandbox first. Otherwise (default) on
 this host through an Invoke Context with the llama-server at $GPUBOX_LLAMA_SERVER (default
 ~/.cache/gpubox/llama-local/build/bin/llama-server). Either way the code under test is the same: facts, check,
 apply, wait_ready, smoke, logparse, doctor.
@@ -44,8 +46,9 @@ def free_port() -> int:
 class Target:
     """Where the server runs: an Invoke Context (this host) or a Fabric Connection (the sandbox)."""
 
-    def __init__(self, c, remote_dir: str, build_dir: str):
+    def __init__(self, c, remote_dir: str, build_dir: str, base: dict | None = None):
         self.c, self.dir, self.build_dir = c, remote_dir, build_dir
+        self.base = base or config.defaults()["gpubox"]
 
     def put(self, local: Path, remote: str) -> None:
         if hasattr(self.c, "put"):
@@ -55,7 +58,7 @@ class Target:
             Path(remote).write_bytes(local.read_bytes())
 
     def cfg(self, name: str, **serve) -> dict:
-        g = config.defaults()["gpubox"]
+        g = copy.deepcopy(self.base)
         g["state_dir"] = f"{self.dir}/{name}/state"
         g["report_dir"] = str(Path(os.environ.get("TMPDIR", "/tmp")) / "gpubox-serve-it" / name / "reports")
         g["build"]["build_dir"] = self.build_dir
@@ -78,12 +81,18 @@ def target(request, tmp_path_factory):
     draft = write_tiny(local_models / "tiny-draft.gguf", arch="llama", seed=1)
     broken = write_tiny(local_models / "tiny-unknown-arch.gguf", general_arch="gpubox-no-such-arch", seed=2)
     if TARGET == "sandbox":
-        conn = request.getfixturevalue("conn")
-        cfg0 = config.validate(config.defaults()["gpubox"])
-        bd = cfg0["build"]["build_dir"]
+        from fabric import Config as FConfig, Connection
+        inf = request.getfixturevalue("sandbox")
+        fc = FConfig(overrides={"run": {"in_stream": False}}, runtime_ssh_path=inf.ssh_config)
+        fc.load_collection(config.defaults())
+        fc.load_overrides({"run": {"in_stream": False}, **inf.overrides()})
+        conn = Connection("gpubox", config=fc)
+        base = config._plain(conn.config.gpubox)
+        bd = base["build"]["build_dir"]
         if conn.run(f"test -x {bd}/bin/llama-server", warn=True, hide=True).exited != 0:
-            pytest.skip(f"no llama-server built in the sandbox at {bd}/bin (run the build step there first)")
-        t = Target(conn, "/var/tmp/gpubox-serve-it", bd)
+            pytest.skip(f"no llama-server built in the sandbox at {bd}/bin: run tests/integration/test_build.py in "
+                        "the same session first (the session resets the sandbox)")
+        t = Target(conn, "/var/tmp/gpubox-serve-it", bd, base)
         conn.run(f"rm -rf {t.dir} && mkdir -p {t.dir}/models", hide=True)
     else:
         if not LOCAL_SERVER.exists():
