@@ -14,6 +14,8 @@ provision run when they have not), then times provision runs that should change 
 Targets (issue #4): no-op run <= 1.5 s; all facts in <= 2 commands. Prints figures; asserts nothing.
 
     sudo python bench/noop_run.py [--rounds 5] [--steps driver,cuda,compiler,patch] [--no-fab]
+    python bench/noop_run.py --host myfedora --ssh-config ~/.ssh/config [--overrides invoke.yaml]
+        (any other host instead of the sandbox: it must already be provisioned, or this converges it)
 """
 
 from __future__ import annotations
@@ -37,6 +39,19 @@ from provision.host import Host  # noqa: E402
 from provision.steps import BY_NAME  # noqa: E402
 
 
+class Target:
+    """Where to run: the sandbox (default) or a host from an ssh config."""
+
+    def __init__(self, host, ssh_config, overrides_file):
+        self.host, self.ssh_config, self.overrides_file = host, ssh_config, overrides_file
+
+    def overrides(self) -> dict:
+        if not self.overrides_file:
+            return {}
+        import yaml
+        return yaml.safe_load(Path(self.overrides_file).read_text()) or {}
+
+
 def sandbox_cfg(info, report_dir: str) -> dict:
     raw = config.defaults()["gpubox"]
     over = (info.overrides() or {}).get("gpubox", {})
@@ -53,8 +68,8 @@ def sandbox_cfg(info, report_dir: str) -> dict:
 
 
 def one_run(info, cfg, steps):
-    conn = Connection(info.host, config=Config(overrides={"run": {"in_stream": False}},
-                                               runtime_ssh_path=info.ssh_config))
+    kw = {"runtime_ssh_path": info.ssh_config} if info.ssh_config else {}
+    conn = Connection(info.host, config=Config(overrides={"run": {"in_stream": False}}, **kw))
     host = Host(conn)
     t0 = time.monotonic()
     rep = Runner(host, cfg, steps, echo=lambda s: None).run()
@@ -68,16 +83,22 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", default="driver,cuda,compiler,patch")
     ap.add_argument("--no-fab", action="store_true", help="skip timing the fab process")
+    ap.add_argument("--host", help="an ssh host instead of the sandbox")
+    ap.add_argument("--ssh-config", help="the ssh config that names --host")
+    ap.add_argument("--overrides", help="a YAML file with a gpubox: mapping (as fab -f takes)")
     args = ap.parse_args()
-    if os.geteuid() != 0:
+    if not args.host and os.geteuid() != 0:
         print("bench/noop_run.py needs root (the sandbox uses network namespaces and a chroot)", file=sys.stderr)
         return 2
 
     names = [n.strip() for n in args.steps.split(",") if n.strip()]
     steps = [BY_NAME[n] for n in names]
     t0 = time.monotonic()
-    info = sandbox.up()
-    print(f"sandbox up in {time.monotonic() - t0:.2f}s ({info.host} at {info.address})")
+    if args.host:
+        info = Target(args.host, args.ssh_config, args.overrides)
+    else:
+        info = sandbox.up()
+        print(f"sandbox up in {time.monotonic() - t0:.2f}s ({info.host} at {info.address})")
     report_dir = str(Path(os.environ.get("GPUBOX_CACHE", "~/.cache/gpubox")).expanduser() / "bench-reports")
     cfg = sandbox_cfg(info, report_dir)
 
@@ -111,8 +132,9 @@ def main() -> int:
     print("  per step (s): " + ", ".join(f"{s.name} {s.status} {s.seconds:.3f}" for s in last.steps))
 
     if not args.no_fab:
-        fab = [sys.executable, "-m", "fabric", "-S", info.ssh_config, "-H", info.host, "-f", info.overrides_file,
-               "provision", "--only", ",".join(names)]
+        fab = [sys.executable, "-m", "fabric", *(["-S", info.ssh_config] if info.ssh_config else []),
+               "-H", info.host, *(["-f", info.overrides_file] if info.overrides_file else []),
+               "provision", "--only", ",".join(names), "--set", f"report_dir={report_dir}"]
         fwalls = []
         for _ in range(max(1, args.rounds // 2)):
             t = time.monotonic()

@@ -106,12 +106,11 @@ def _locks_cmd(cfg: dict) -> str:
 
 
 def _kdevel_cmd(cfg: dict) -> str:
-    # Fedora's kernel-devel provides `kernel-devel-uname-r = $(uname -r)` (what akmods requires) and owns
-    # /usr/src/kernels/$(uname -r); either answers (the second also where uname -r has dashes rpm's
-    # version comparison splits on).
+    # Fedora's kernel-devel owns /usr/src/kernels/$(uname -r) (and provides `kernel-devel-uname-r =
+    # $(uname -r)`, what akmods requires); asking rpm who owns the directory also works where uname -r
+    # has dashes that rpm's version comparison would split on. No directory: no rpm call at all.
     qf = shlex.quote(r"%{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}\n")
-    return (f'k=$(uname -r); rpm -q --qf {qf} --whatprovides "kernel-devel-uname-r = $k" '
-            f'|| rpm -qf --qf {qf} "/usr/src/kernels/$k"')
+    return f'k=$(uname -r); [ -d "/usr/src/kernels/$k" ] && rpm -qf --qf {qf} "/usr/src/kernels/$k"'
 
 
 def _sb_cmd(cfg: dict) -> str:
