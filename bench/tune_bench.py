@@ -151,6 +151,14 @@ def sweep_values(n_max: int, choice, affordable: int) -> tuple[list[int], str]:
     return vals, f"COARSE (time budget): every 4th value + every value {min(dense)}..{max(dense)}"
 
 
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def _cost(values: list[int], floor: int, t_fail: float, t_ok: float) -> float:
+    return sum(t_fail if v < floor else t_ok for v in values)
+
+
 def sweep(host, a, ctx: int, values: list[int], out: Path) -> tuple[list[dict], float]:
     inp = inputs(a, ctx, out / "unused-state")
     parsed = R._help(host, inp.server)
@@ -160,6 +168,9 @@ def sweep(host, a, ctx: int, values: list[int], out: Path) -> tuple[list[dict], 
     rows = []
     t0 = time.monotonic()
     for k in values:
+        if elapsed() > a.deadline_s:
+            say(f"    sweep ctx {ctx}: DEADLINE ({a.deadline_s:.0f} s) reached: values from {k} on not probed")
+            break
         r, raw = P.run_probe(host, k, R.server_argv(inp, parsed, k, drafting=False), ps)
         d = vars(r).copy()
         rows.append(d)
@@ -198,8 +209,9 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=18080)
     ap.add_argument("--max-probes", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=510, help="whole-script time budget; sweeps go coarse to fit")
+    ap.add_argument("--deadline-s", type=float, default=555, help="no new sweep probe after this many seconds")
     ap.add_argument("--tuner", choices=["auto", "invoke", "module"], default="auto")
-    ap.add_argument("--smoke-chars", type=int, default=12000)
+    ap.add_argument("--smoke-chars", type=int, default=4000)
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--plot-only", help="draw the plots of an earlier tune_bench.json and exit")
     a = ap.parse_args()
@@ -239,26 +251,29 @@ def main() -> int:
         say(f"bench: VRAM holder pid {hi['pid']}: torch sees {hi['free_mib']} MiB free, nvidia-smi {g2['free_mib']} MiB")
         data["free_after_cap_mib"] = g2["free_mib"]
         contexts = [int(x) for x in a.contexts.split(",") if x]
-        t_fail, t_ok = 2.0, 9.0
+        t_fail, t_ok = 1.5, 8.0
         for i, ctx in enumerate(contexts):
             say(f"\n=== context {ctx}, KV {a.kv}, margin 0, {g2['free_mib']} MiB free (elapsed {elapsed():.0f} s) ===")
             say("  (b) tuner:")
             res, t_tune, how = run_tuner(a, ctx, state, out, force=True, tag=str(ctx))
             choice = res.get("n_cpu_moe")
             n_max = res.get("n_layers") or 48
-            # (a) the sweep, full unless the remaining budget cannot afford it
-            reserve = 60 + 60 * (len(contexts) - i - 1) + 30
-            remaining = a.budget_s - elapsed() - reserve - (len(contexts) - i - 1) * 150
-            est_floor = choice if choice is not None else n_max // 2
-            per_value = (est_floor * t_fail + (n_max + 1 - est_floor) * t_ok) / (n_max + 1)
-            affordable = int(remaining / max(per_value, 0.5))
-            values, mode = sweep_values(n_max, choice, affordable)
+            # (a) the sweep: full unless the remaining budget cannot afford it (costs from the tuner's own probes)
+            tp = res.get("probes") or []
+            t_ok = _mean([p["seconds"] for p in tp if p["outcome"] == S.OK]) or t_ok
+            t_fail = _mean([p["seconds"] for p in tp if p["outcome"] != S.OK]) or t_fail
+            guess = choice if choice is not None else n_max // 2
+            full_cost = _cost(list(range(n_max + 1)), guess, t_fail, t_ok)
+            coarse_cost = _cost(sweep_values(n_max, guess, 0)[0], guess, t_fail, t_ok)
+            future = (len(contexts) - i - 1) * (30 + coarse_cost) + 60
+            room = a.budget_s - elapsed() - future
+            values, mode = sweep_values(n_max, choice, n_max + 1 if full_cost <= room else 0)
+            say(f"  sweep cost estimate: full {full_cost:.0f} s, coarse {coarse_cost:.0f} s; room {room:.0f} s "
+                f"(probe ~{t_ok:.1f} s ok, ~{t_fail:.1f} s failing)")
             say(f"  (a) sweep, {mode}: {len(values)} values")
             rows, t_sweep = sweep(host, a, ctx, values, out)
-            fails = [r["seconds"] for r in rows if r["outcome"] != S.OK]
-            oks = [r["seconds"] for r in rows if r["outcome"] == S.OK]
-            t_fail = sum(fails) / len(fails) if fails else t_fail
-            t_ok = sum(oks) / len(oks) if oks else t_ok
+            t_fail = _mean([r["seconds"] for r in rows if r["outcome"] != S.OK]) or t_fail
+            t_ok = _mean([r["seconds"] for r in rows if r["outcome"] == S.OK]) or t_ok
             fl, holes = floor_of(rows)
             n_probes = res.get("n_probes")
             ok_choice = choice is not None and fl is not None and fl <= choice <= fl + 1

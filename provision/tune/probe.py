@@ -1,6 +1,6 @@
 """Real probes on the target: one llama-server process per candidate value, run through provision.host.Host.
 
-`run_probe(host, argv, ...)` sends probe.sh (next to this file) to `bash -s` with every value as a
+`run_probe(host, argv, ...)` runs probe.sh (next to this file) as `bash -c SCRIPT` with every value as a
 positional argument, and returns the parsed outcome; `classify` is the pure part that turns the server's
 exit status and log into one of the outcomes of provision.tune.search. The GPU benchmark's exhaustive sweep
 uses the same function, so the sweep and the tuner measure alike.
@@ -191,10 +191,11 @@ def run_probe(host, value: int, argv: list[str], ps: ProbeSettings,
     """Run the server argv (which must listen on 127.0.0.1:ps.port) once; never raises for a failed server."""
     path, body = request or token_request(ps.prompt_tokens, ps.gen_tokens, ps.vocab)
     work = f"{ps.workdir.rstrip('/')}/k{value}"
-    args = ["bash", "-s", "--", work, ps.port, ps.ready_timeout, ps.request_timeout, ps.gpu, path, body,
-            "--", *argv]
+    # The script travels as `bash -c` text, not on stdin: Invoke feeds stdin one byte per 10 ms.
+    args = ["bash", "-c", SCRIPT, "gpubox-probe", work, ps.port, ps.ready_timeout, ps.request_timeout, ps.gpu,
+            path, body, "--", *argv]
     t0 = time.monotonic()
-    res = host.run(args, stdin=SCRIPT, check=False, timeout=ps.ready_timeout + ps.request_timeout + 60)
+    res = host.run(args, check=False, timeout=ps.ready_timeout + ps.request_timeout + 60)
     dt = time.monotonic() - t0
     raw = parse_output(getattr(res, "stdout", "") or "")
     if not raw.state:

@@ -1,13 +1,14 @@
 # gpubox tune probe: run ONE llama-server configuration through a full prompt batch and a few generated
-# tokens, measure the GPU memory it used, and report how it ended. Sent on stdin to `bash -s`, so every
-# value arrives as a positional argument (nothing is pasted into this text):
+# tokens, measure the GPU memory it used, and report how it ended. Run as `bash -c "$(cat probe.sh)"` with
+# every value as a positional argument (nothing is pasted into this text):
 #
-#   bash -s -- WORKDIR PORT READY_TIMEOUT REQUEST_TIMEOUT GPU REQUEST_PATH REQUEST_BODY -- SERVER ARG...
+#   bash -c SCRIPT gpubox-probe WORKDIR PORT READY_TIMEOUT REQUEST_TIMEOUT GPU REQUEST_PATH REQUEST_BODY -- SERVER ARG...
 #
 # A load alone is not proof: near the floor a model loads and then dies on its first batch (exit 134), so
 # the probe posts REQUEST_BODY (JSON) to REQUEST_PATH: a /completion of a few hundred token ids (one full
-# prompt batch) with generated tokens, or a chat request for the speed check. Peak memory = the largest `memory.used` nvidia-smi saw (every 100 ms) minus
-# the value just before the server started. Output: `@@key value` lines, then the response and the log tail.
+# prompt batch) with generated tokens, or a chat request for the speed check. Peak memory = the largest
+# `memory.used` nvidia-smi saw (every 100 ms) minus the value just before the server started.
+# Output: `@@key value` lines, then the response and the log tail.
 set -u
 ulimit -c 0 2>/dev/null   # an abort must not dump a core of a 16 GiB mapping
 work=$1; port=$2; ready_to=$3; req_to=$4; gpu=$5; rpath=$6; rbody=$7
@@ -91,7 +92,17 @@ if kill -0 "$srv" 2>/dev/null; then
     kill -0 "$srv" 2>/dev/null && kill -KILL "$srv" 2>/dev/null
 fi
 wait "$srv"; rc=$?
-if [ -n "$smi" ]; then sleep 0.15; kill "$smi" 2>/dev/null; wait "$smi" 2>/dev/null; fi
+if [ -n "$smi" ]; then
+    sleep 0.15; kill "$smi" 2>/dev/null; wait "$smi" 2>/dev/null
+    # Let the driver hand the memory back before the next probe measures its baseline (at most 3 s).
+    for _ in $(seq 30); do
+        used=$(nvidia-smi -i "$gpu" --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -n1 | tr -d ' ')
+        case "$used" in ''|*[!0-9]*) break ;; esac
+        case "$base" in ''|*[!0-9]*) break ;; esac
+        [ "$used" -le $((base + 16)) ] && break
+        sleep 0.1
+    done
+fi
 peak=""
 if [ -s "$mem" ]; then peak=$(awk 'BEGIN { m = -1 } /^[0-9]+/ { if ($1 + 0 > m) m = $1 + 0 } END { if (m >= 0) print m }' "$mem"); fi
 

@@ -27,6 +27,19 @@ def table(rows: Iterable[dict[str, Any]], title: str = "") -> str:
     return "\n".join(out)
 
 
+def _on_line(predicted: Optional[dict[int, int]], k: int) -> Optional[float]:
+    """The predicted line at k, interpolated between the values fit-params was asked about."""
+    if not predicted:
+        return None
+    ks = sorted(predicted)
+    if k <= ks[0] or k >= ks[-1]:
+        return predicted[ks[0]] if k <= ks[0] else predicted[ks[-1]]
+    for a, b in zip(ks, ks[1:]):
+        if a <= k <= b:
+            return predicted[a] + (predicted[b] - predicted[a]) * (k - a) / (b - a)
+    return None
+
+
 def plot(path: str, rows: list[dict[str, Any]], *, free_mib: int, margin_mib: int = 0,
          predicted: Optional[dict[int, int]] = None, title: str = "", chosen: Optional[int] = None,
          extra_series: Optional[dict[str, list[dict[str, Any]]]] = None) -> str:
@@ -50,7 +63,9 @@ def plot(path: str, rows: list[dict[str, Any]], *, free_mib: int, margin_mib: in
             pts = [r for r in rs if r["outcome"] == outcome]
             if not pts:
                 continue
-            y = [r["peak_mib"] if r.get("peak_mib") is not None else (r.get("predicted_mib") or 0) for r in pts]
+            # A failed value has no peak: draw it on its prediction (or on the free line) so it stays readable.
+            y = [r["peak_mib"] if r.get("peak_mib") is not None else (r.get("predicted_mib") or _on_line(predicted, r["value"])
+                                                                        or free_mib) for r in pts]
             ax1.scatter([r["value"] for r in pts], y, marker=mk, color=col, s=46 if name else 60,
                         alpha=0.55 if name else 1.0, label=f"{name + ': ' if name else ''}{outcome}",
                         zorder=3 if name else 4, facecolors="none" if name and mk == "o" else None)
@@ -65,8 +80,8 @@ def plot(path: str, rows: list[dict[str, Any]], *, free_mib: int, margin_mib: in
         for ax in (ax1, ax2):
             ax.axvline(chosen, color="tab:green", ls="-.", lw=1)
         ax1.annotate(f"chosen {chosen}", (chosen, free_mib), textcoords="offset points", xytext=(4, 6), fontsize=8)
-    ax1.set_ylabel("GPU memory (MiB)")
-    ax1.set_title(title or "expert placement: predicted vs measured")
+    ax1.set_ylabel("GPU memory (MiB); failures drawn at their prediction")
+    ax1.set_title(title or "expert placement: predicted vs measured", fontsize=9)
     ax1.legend(fontsize=7, loc="upper right")
     ax1.grid(alpha=0.3)
     for name, rs in series.items():

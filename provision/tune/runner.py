@@ -110,7 +110,8 @@ def file_ids(host, paths: list[str]) -> dict[str, str]:
 
 
 def gguf_summaries(host, paths: list[str]) -> dict[str, dict[str, Any]]:
-    r = host.run(["python3", "-", *paths], stdin=GGUFHEAD_SRC, check=False)
+    # The reader travels as `python3 -c` text, not on stdin: Invoke feeds stdin one byte per 10 ms.
+    r = host.run(["python3", "-c", GGUFHEAD_SRC, *paths], check=False)
     out: dict[str, dict[str, Any]] = {}
     for line in (r.stdout or "").splitlines():
         try:
@@ -133,13 +134,17 @@ def read_state(host, state_dir: str) -> dict[str, Any]:
     return ST.parse(r.stdout or "") if r.exited == 0 else ST.empty()
 
 
+# Atomic write with the content as an argument (Host.write_file sends it on stdin, which Invoke feeds one
+# byte per 10 ms: 20 KB would take minutes).
+_WRITE = ('set -e; d=$(dirname "$1"); mkdir -p "$d"; t=$(mktemp "$d/.tune.XXXXXX"); '
+          'printf "%s" "$2" > "$t"; chmod 0644 "$t"; mv -f "$t" "$1"')
+
+
 def write_state(host, state_dir: str, doc: dict[str, Any]) -> str:
     path = f"{state_dir.rstrip('/')}/{ST.FILENAME}"
-    text = ST.dumps(doc)
-    try:
-        host.write_file(path, text, mode="0644")
-    except Exception:
-        host.write_file(path, text, mode="0644", root=True)
+    argv = ["sh", "-c", _WRITE, "gpubox-tune", path, ST.dumps(ST.trim(doc))]
+    if host.run(argv, check=False).exited != 0:
+        host.run(argv, root=True)
     return path
 
 
@@ -340,7 +345,7 @@ def tune(host, inp: Inputs, *, force: bool = False, max_ctx: bool = False,
     doc["current"] = result
     path = write_state(host, inp.state_dir, doc)
     echo(f"tune: wrote {path} (n_cpu_moe {action.value}; the serve step reads it) in {base['seconds']:.1f} s, "
-         f"{len(probes)} real probe(s), {len(fit_calls)} fit-params call(s)")
+         f"{len(probes)} real probe(s), {base['fit_params_calls']} fit-params call(s) for the search")
     return result
 
 

@@ -77,8 +77,21 @@ def parse(text: str) -> dict[str, Any]:
     return doc
 
 
+KEEP_RESULTS = 8
+
+
+def trim(doc: dict[str, Any]) -> dict[str, Any]:
+    """Keep the newest KEEP_RESULTS cached results (and always the current one): the file stays small."""
+    res = doc.get("results") or {}
+    if len(res) <= KEEP_RESULTS:
+        return doc
+    cur = (doc.get("current") or {}).get("key")
+    newest = sorted(res, key=lambda k: (k == cur, str(res[k].get("when", ""))), reverse=True)[:KEEP_RESULTS]
+    return dict(doc, results={k: res[k] for k in newest})
+
+
 def dumps(doc: dict[str, Any]) -> str:
-    return json.dumps(doc, indent=1, sort_keys=True, default=str) + "\n"
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True, default=str) + "\n"
 
 
 def tuned_n_cpu_moe(doc: Optional[dict[str, Any]], serve: dict[str, Any], drafting: bool) -> Optional[int]:

@@ -328,6 +328,14 @@ CUDA error: out of memory
   current device: 0, in function alloc at ggml/src/ggml-cuda/ggml-cuda.cu:470
 /src/ggml/src/ggml-cuda/ggml-cuda.cu:88: CUDA error
 """
+# Real, from the CPU build with its address space capped (test_real_allocation_failure_is_out_of_memory).
+CPU_ALLOC_LOG = """\
+0.00.409.307 E ggml_aligned_malloc: insufficient memory (attempted to allocate 261.01 MB)
+0.00.409.335 E ggml_backend_cpu_buffer_type_alloc_buffer: failed to allocate buffer of size 273690656
+0.00.409.340 E ggml_gallocr_reserve_n_impl: failed to allocate CPU buffer of size 273690656
+0.00.409.341 E graph_reserve: failed to allocate compute buffers
+0.00.449.264 E llama_init_from_model: failed to initialize the context: failed to allocate compute pp buffers
+"""
 KV_LOG = """\
 llama_kv_cache: CUDA0 KV buffer size =  3072.00 MiB
 E llama_init_from_model: failed to allocate buffer for kv cache
@@ -339,6 +347,7 @@ E llama_init_from_model: failed to allocate buffer for kv cache
     ("died", 134, ABORT_LOG, S.ABORT),
     ("exited", 139, KV_LOG, S.SEGFAULT),
     ("exited", 1, KV_LOG, S.OOM_KV),
+    ("exited", 1, CPU_ALLOC_LOG, S.OOM_KV),
     ("exited", 1, "error: invalid argument: --draft-block-size\n", S.ERROR),
     ("exited", 1, "E gguf_init_from_file: failed to read magic\nllama_model_load: error loading model\n", S.ERROR),
     ("timeout", None, "loading...\n", S.TIMEOUT),
@@ -417,13 +426,14 @@ def test_real_probe_bad_flag_is_an_error_not_a_memory_verdict(tiny_moe, tmp_path
 
 @needs_server
 def test_real_allocation_failure_is_out_of_memory(tiny_moe, tmp_path):
-    """The CPU build's own allocation failure (address space capped with ulimit -v): a real
-    'failed to allocate CPU buffer' load failure, classified as does-not-fit."""
+    """The CPU build's own allocation failure (address space capped with ulimit -v, a 256k context): a real
+    'failed to allocate compute pp buffers' start-up failure, classified as does-not-fit."""
     port = _free_port()
-    argv = ["bash", "-c", 'ulimit -v 700000; exec "$@"', "x", str(LOCAL_BIN / "llama-server"), "-m", str(tiny_moe),
-            "-c", "32768", "--no-mmap", "-t", "2", "--host", "127.0.0.1", "--port", str(port)]
+    argv = ["bash", "-c", 'ulimit -v 600000; exec "$@"', "x", str(LOCAL_BIN / "llama-server"), "-m", str(tiny_moe),
+            "-c", "262144", "-t", "2", "--host", "127.0.0.1", "--port", str(port)]
     r, raw = P.run_probe(_host(), 0, argv, P.ProbeSettings(workdir=str(tmp_path), port=port, ready_timeout=60))
-    assert r.outcome in S.NO_FIT, (r.outcome, r.detail, raw.log[-1500:])
+    assert r.outcome == S.OOM_KV, (r.outcome, r.detail, raw.log[-1500:])
+    assert "failed to allocate" in r.detail
 
 
 # --- state file and cache key ------------------------------------------------------------------------------
@@ -462,6 +472,14 @@ def test_state_roundtrip_and_serve_reads_the_current_value():
     assert ST.parse("not json") == ST.empty() and ST.parse("") == ST.empty()
 
 
+def test_state_keeps_the_current_and_the_newest_results():
+    doc = ST.empty()
+    doc["results"] = {f"k{i}": {"key": f"k{i}", "when": f"2026-01-{i + 10:02d}"} for i in range(12)}
+    doc["current"] = doc["results"]["k0"]                       # the oldest, but current
+    kept = ST.trim(doc)["results"]
+    assert len(kept) == ST.KEEP_RESULTS and "k0" in kept and "k11" in kept and "k1" not in kept
+
+
 # --- GGUF header ------------------------------------------------------------------------------------------
 
 def test_ggufhead_agrees_with_the_gguf_package(tiny_moe):
@@ -488,8 +506,8 @@ def test_assistant_size_from_the_header(tiny_moe):
 
 
 def test_ggufhead_runs_as_a_script_like_on_the_target(tiny_moe):
-    out = subprocess.run([sys.executable, "-", str(tiny_moe), "/nonexistent.gguf"],
-                         input=Path(ggufhead.__file__).read_text(), capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", Path(ggufhead.__file__).read_text(), str(tiny_moe), "/nonexistent.gguf"],
+                         capture_output=True, text=True, check=True).stdout
     lines = [json.loads(x) for x in out.splitlines()]
     assert lines[0]["block_count"] == 2 and "error" in lines[1]
 
