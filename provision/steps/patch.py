@@ -469,7 +469,8 @@ def check(facts: dict, cfg: dict) -> Check:
     info: dict[str, Any] = {"header": st.header, "state": st.kind, "rules": rs.id}
     if st.sha256:
         info["sha256"] = st.sha256
-        info["original"] = st.known_original or "not a known original"
+    if st.known_original:
+        info["original"] = st.known_original
     info["backup"] = (st.header + BACKUP_SUFFIX) if st.backup else "none"
     cmds = [f"read {st.header}; rewrite {len(rs.rules)} declarations + preamble ({rs.id})",
             sh("cp -p {h} {h}.gpubox-tmp && mv {h}.gpubox-tmp {b}   # backup, once", h=st.header,
@@ -546,7 +547,7 @@ _EDIT_AWK = ('{ k = "GPUBOX_L" NR; if (k in ENVIRON) print ENVIRON[k]; else prin
 
 _EDIT = ('set -e; p=$1; want=$2; own=$3; mode=$4; src=${5:-$1}; d=$(dirname "$p"); '
          't=$(mktemp "$d/.gpubox.XXXXXX"); trap \'rm -f "$t"\' EXIT; '
-         'if [ -n "$GPUBOX_AWK" ]; then awk "$GPUBOX_AWK" "$src" > "$t"; else cat "$src" > "$t"; fi; '
+         'if [ -n "$GPUBOX_AWK" ]; then awk "$GPUBOX_AWK" "$src" > "$t"; else cp -p "$src" "$t"; fi; '
          'got=$(sha256sum < "$t" | cut -c1-64); '
          'if [ "$got" != "$want" ]; then echo "gpubox: the new $p came out different ($got, expected $want); '
          'not renamed, $p untouched" >&2; exit 4; fi; chown "$own" "$t"; chmod "$mode" "$t"; mv -f "$t" "$p"; '
