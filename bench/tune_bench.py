@@ -71,7 +71,7 @@ class Holder:
         if self.ready.exists():
             self.ready.unlink()
         self.proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "vram_holder.py"), str(self.leave),
-                                      str(self.ready)], start_new_session=True)
+                                      str(self.ready), str(os.getpid()), "700"], start_new_session=True)
         for _ in range(1200):
             if self.ready.exists():
                 free, total, pid = self.ready.read_text().split()
