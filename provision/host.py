@@ -131,11 +131,13 @@ class Host:
         The content travels in command arguments (WRITE_CHUNK characters each), not on stdin: Invoke and
         Fabric feed an in_stream one byte per 10 ms poll, so a 50 kB file would take minutes."""
         chunks = [content[i:i + WRITE_CHUNK] for i in range(0, len(content), WRITE_CHUNK)] or [""]
-        start = ('set -e; d=$(dirname "$1"); mkdir -p "$d"; t=$(mktemp "$d/.gpubox.XXXXXX"); '
-                 'printf "%s" "$2" > "$t"; echo "$t"')
-        tmp = self.run(["sh", "-c", start, "sh", path, chunks[0]], root=root).stdout.strip().splitlines()[-1]
-        for chunk in chunks[1:]:
-            self.run(["sh", "-c", 'printf "%s" "$2" >> "$1"', "sh", tmp, chunk], root=root)
+        # A fixed temp name beside the file: a run killed mid-write leaves only this name, which the
+        # next write truncates and reuses; the real file changes only with the final rename.
+        head, _, base = path.rpartition("/")
+        tmp = f"{head}/.{base}.gpubox-tmp"
+        for i, chunk in enumerate(chunks):
+            first = 'mkdir -p "$(dirname "$1")"; printf "%s" "$2" > "$1"'
+            self.run(["sh", "-c", first if i == 0 else 'printf "%s" "$2" >> "$1"', "sh", tmp, chunk], root=root)
         finish = 'set -e; chmod "$2" "$1"; ' + ('chown "$4" "$1"; ' if owner else "") + 'mv -f "$1" "$3"'
         self.run(["sh", "-c", finish, "sh", tmp, mode, path, owner or ""], root=root)
 
