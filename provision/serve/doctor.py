@@ -4,7 +4,8 @@
 
 Each finding: severity (error / warning / info), code, title, detail, fix, evidence (log lines).
 Rules (../shared/reference/fork-cli.md, tuning.md):
-  - draft-embedding-on-cpu: the assistant's load_tensors block has a CPU model buffer while the log shows a GPU:
+  - draft-embedding-on-cpu: the assistant's load_tensors block has a host model buffer (CPU, CPU_Mapped or, with
+    mmap off, CUDA_Host) while the log shows a GPU:
     its token embedding / tied LM head stays in system RAM and every draft step streams it over PCIe.
     Pre-sync remedy: --override-tensor-draft "token_embd\\.weight=CUDA0" (serve.override_tensor_draft).
   - oom-at-load: cudaMalloc / alloc_tensor_range / "unable to allocate CUDA0 buffer" -> raise serve.n_cpu_moe or
@@ -25,6 +26,7 @@ from typing import Any
 from .logparse import Log
 
 OVERRIDE = r"token_embd\.weight=CUDA0"
+HOST_BUFFERS = ("CPU", "CPU_Mapped", "CPU_REPACK", "CUDA_Host")
 
 
 @dataclass
@@ -127,7 +129,9 @@ def diagnose(log: Log, *, serve: dict[str, Any] | None = None, dialect: str = "u
     # --- assistant embedding on the CPU -------------------------------------------------------------------
     draft = log.draft
     if draft and gpu:
-        cpu_bufs = {k: v for k, v in draft.model_buffers.items() if k in ("CPU", "CPU_Mapped")}
+        # Host-side buffers: CPU / CPU_Mapped (mmap), and CUDA_Host (pinned host memory: what CPU-resident
+        # weights land in when mmap is off, as with --no-mmap / --load-mode none; seen on the GPU machine).
+        cpu_bufs = {k: v for k, v in draft.model_buffers.items() if k in HOST_BUFFERS}
         if cpu_bufs:
             where = ", ".join(f"{k} {v:.2f} MiB" for k, v in cpu_bufs.items())
             ev = [f"load_tensors: {k} model buffer size = {v:.2f} MiB" for k, v in cpu_bufs.items()]
@@ -141,7 +145,7 @@ def diagnose(log: Log, *, serve: dict[str, Any] | None = None, dialect: str = "u
                        f"CPU must go. On the pre-sync fork the remedy is --override-tensor-draft \"{OVERRIDE}\"")
             out.append(Finding(
                 "warning", "draft-embedding-on-cpu",
-                f"the assistant ({draft.path}) has a CPU model buffer ({where}): its token embedding / LM head is not on the GPU",
+                f"the assistant ({draft.path}) has a host (CPU-side) model buffer ({where}): its token embedding / LM head is not on the GPU",
                 "every draft step then streams the embedding/LM head over PCIe, which eats the MTP speed-up",
                 fix, ev))
 

@@ -72,3 +72,24 @@ def test_real_cpu_logs():
     bad = find("cpu-load-error.log", dialect="upstream")["load-error"]
     assert bad.severity == "error"
     assert any("unknown model architecture: 'gpubox-no-such-arch'" in e for e in bad.evidence)
+
+
+# --- real GPU logs (H200, CUDA build of upstream llama.cpp by bench/gpu_build.sh, run by bench/gpu_serve.sh) ---
+
+def test_real_gpu_log_draft_embedding_forced_to_cpu():
+    """The draft's token_embd forced to the CPU with -otd on a real GPU run: with --load-mode none the weight
+    lands in a CUDA_Host (pinned host) buffer, and doctor reports it."""
+    log = logparse.parse((LOGS / "gpu-h200-draft-embd-on-cpu.log").read_text())
+    assert log.target.model_buffers == {"CUDA0": 11.19, "CUDA_Host": 3.15}
+    assert log.draft.model_buffers == {"CUDA0": 1.91, "CUDA_Host": 0.15}
+    f = {x.code: x for x in doctor.diagnose(log, serve=SERVE, dialect="upstream")}["draft-embedding-on-cpu"]
+    assert "CUDA_Host 0.15 MiB" in f.title and "tiny-draft.gguf" in f.title
+    assert f.evidence[0] == "load_tensors: CUDA_Host model buffer size = 0.15 MiB"
+
+
+def test_real_gpu_log_with_the_remedy_has_no_finding():
+    """The same run with the recipe's remedy (token_embd on CUDA0): the draft is all on CUDA0, no finding."""
+    log = logparse.parse((LOGS / "gpu-h200-draft-embd-on-gpu.log").read_text())
+    assert log.draft.model_buffers == {"CUDA0": 2.06}
+    codes = {x.code for x in doctor.diagnose(log, serve=SERVE, dialect="upstream")}
+    assert "draft-embedding-on-cpu" not in codes and "gpu-not-visible" not in codes
