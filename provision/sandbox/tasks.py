@@ -3,7 +3,7 @@
 `demo` is the README's main job on a machine without Fedora or a GPU: bring the sandbox up, run
 `fab -S <its ssh config> -H gpubox provision` over real SSH (with the sandbox's config overrides:
 file:// CUDA repo, the llama.cpp mirror at its SHA, CPU-only build, HF_ENDPOINT = the local server),
-then `serve` (llama-server on the tiny models), `verify` (testinfra over SSH), and the report. Exit status: 0 when every step that ran
+print the run report, then `serve` (llama-server on the tiny models) and `verify` (testinfra over SSH). Exit status: 0 when every step that ran
 is done or only waits for what a chroot cannot do (reboot, module load: reported as attention, not as
 done); 1 when a step FAILED or verify found a failure; the report is printed either way.
 """
@@ -127,6 +127,8 @@ def _demo(only, skip, reset):
         steps.append(f"--skip={skip}")
     print("\n== provision: " + " ".join(["fab", *fab[3:], *steps]))
     rc_prov = subprocess.call([*fab, *steps], cwd=str(REPO_ROOT), env=env)
+    print("\n== report (provision)")
+    rc_rep = subprocess.call([*fab, "report"], cwd=str(REPO_ROOT), env=env)
     rc_serve = None
     if rc_prov == 0:
         print("\n== serve: " + " ".join(["fab", *fab[3:], "serve"]))
@@ -135,9 +137,7 @@ def _demo(only, skip, reset):
         print("\n== serve: skipped (provision did not complete)")
     print("\n== verify: " + " ".join(["fab", *fab[3:], "verify"]))
     rc_ver = subprocess.call([*fab, "verify"], cwd=str(REPO_ROOT), env=env)
-    print("\n== report")
-    rc_rep = subprocess.call([*fab, "report"], cwd=str(REPO_ROOT), env=env)
-    print(f"\ndemo: provision exit {rc_prov}, serve exit {rc_serve}, verify exit {rc_ver}, report exit {rc_rep}")
+    print(f"\ndemo: provision exit {rc_prov}, report exit {rc_rep}, serve exit {rc_serve}, verify exit {rc_ver}")
     print(f"the sandbox stays up: `ssh -F {inf.ssh_config} gpubox`, `invoke sandbox.down` to stop it")
     if rc_prov or rc_serve or rc_ver or rc_rep:
         raise Exit(code=1)
