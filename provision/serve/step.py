@@ -13,13 +13,32 @@ from __future__ import annotations
 from typing import Any
 
 from ..engine import Change, Check, StepError
-from ..facts import UNKNOWN, Fact
+from ..facts import UNKNOWN, Fact, qpath
 from ..host import expand_home
+from ..tune import state as tune_state
 from . import helptext, render, service, smoke
 
 NAME = "serve"
 TITLE = "llama-server: rendered for the built dialect, installed, running"
-FACTS = [Fact("serve", service.fact_snippet, service.parse_fact)]
+FACTS = [
+    Fact("serve", service.fact_snippet, service.parse_fact),
+    # `invoke tune`'s result: its --n-cpu-moe replaces serve.n_cpu_moe when it was tuned for these settings.
+    Fact("tune_state", lambda cfg: "cat " + qpath(cfg["state_dir"].rstrip("/") + "/" + tune_state.FILENAME),
+         lambda out, rc: tune_state.parse(out if rc == 0 else "")),
+]
+
+
+def effective_serve(facts: dict, cfg: dict) -> tuple[dict, list[str]]:
+    """cfg["serve"] with the tuned --n-cpu-moe applied (when tune answered for these very settings)."""
+    serve = dict(cfg["serve"])
+    doc = facts.get("tune_state") if isinstance(facts.get("tune_state"), dict) else None
+    drafting = bool(serve.get("draft_model")) and serve.get("spec_type", "none") != "none"
+    tuned = tune_state.tuned_n_cpu_moe(doc, serve, drafting=drafting)
+    if tuned is None or tuned == serve["n_cpu_moe"]:
+        return serve, []
+    note = f"serve.n_cpu_moe {serve['n_cpu_moe']} -> {tuned}: the value `invoke tune` chose for these settings"
+    serve["n_cpu_moe"] = tuned
+    return serve, [note]
 
 
 def _home(facts: dict) -> str:
@@ -64,10 +83,12 @@ def wanted(facts: dict, cfg: dict) -> tuple[render.Rendered, dict[str, str], dic
     if cfg["serve"].get("service_user") and sf.get("service_user") != "yes":
         raise StepError(f"serve: service user {cfg['serve']['service_user']!r} does not exist on the host",
                         f"create it (useradd --system {cfg['serve']['service_user']}) or set serve.service_user=\"\"")
+    serve, tuned_notes = effective_serve(facts, cfg)
     try:
-        r = render.render(cfg["serve"], parsed, binary=binary, model_path=model, draft_path=draft)
+        r = render.render(serve, parsed, binary=binary, model_path=model, draft_path=draft)
     except render.RenderError as e:
         raise StepError(str(e)) from None
+    r.notes[:0] = tuned_notes
     files = service.files(cfg, facts, r, model_name=cfg["models"]["files"]["model"]["filename"])
     return r, files, sf
 

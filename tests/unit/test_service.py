@@ -120,3 +120,30 @@ def test_no_draft_model(cfg):
     cfg["serve"]["draft_model"] = ""
     argv = wanted_argv(cfg, facts(draft_readable=""))
     assert "--mtp-head" not in argv and "-ngld" not in argv
+
+
+def _tuned(cfg, n, **changed):
+    """A tune.json document as `invoke tune` writes it, answered for cfg's serve settings (+ changes)."""
+    from provision.tune import state
+    serve = dict(cfg["serve"], **changed)
+    drafting = bool(serve["draft_model"]) and serve["spec_type"] != "none"
+    doc = state.empty()
+    doc["current"] = {"n_cpu_moe": n, "valid_for": state.valid_for(serve, drafting)}
+    return state.parse(state.dumps(doc))
+
+
+def test_tuned_value_replaces_the_configured_one(cfg):
+    f = facts()
+    f["tune_state"] = _tuned(cfg, 23)
+    r = step.wanted(f, cfg)[0]
+    assert r.argv[r.argv.index("--n-cpu-moe") + 1] == "23"
+    assert r.notes[0] == "serve.n_cpu_moe 21 -> 23: the value `invoke tune` chose for these settings"
+
+
+def test_tuned_value_for_other_settings_is_ignored(cfg):
+    f = facts()
+    f["tune_state"] = _tuned(cfg, 23, ctx_size=32768)      # tuned at another context: stale
+    r = step.wanted(f, cfg)[0]
+    assert r.argv[r.argv.index("--n-cpu-moe") + 1] == "21"
+    f["tune_state"] = {"garbage": True}                   # unreadable state: the config applies
+    assert step.wanted(f, cfg)[0].argv == r.argv
