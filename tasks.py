@@ -105,6 +105,22 @@ def build(c, only=None, skip=None, set=None):
     run_steps(c, needs, only=only, skip=skip, sets=set or ())
 
 
+@task(help={"step": "the step to undo: patch (restore the header backup) or compiler (remove the shims)",
+            "set": HELP["set"]}, iterable=["set"])
+def undo(c, step, set=None):
+    """Undo a step that has an undo: patch (original header back) or compiler (shims removed)."""
+    cfg = settings(c, set or ())
+    mod = BY_NAME.get(step)
+    if mod is None or not hasattr(mod, "undo"):
+        have = ", ".join(m.NAME for m in STEPS if hasattr(m, "undo"))
+        raise Exit(f"undo: step {step!r} has no undo (steps with one: {have}); package steps are undone with dnf",
+                   code=config.EXIT_CONFIG)
+    host = Host(c)
+    from provision import facts as factmod
+    done = mod.undo(host, factmod.gather(host, cfg, [mod]), cfg) or []
+    print(f"undo {step}: " + ("; ".join(done) if done else "nothing to undo"))
+
+
 @task(help={"set": HELP["set"], "deep": "re-hash model files instead of trusting the lock"}, iterable=["set"])
 def verify(c, set=None, deep=False):
     """Run the testinfra suite (tests/verify) against the same host."""
@@ -146,7 +162,7 @@ def report(c, set=None):
     print(f"report: {path}")
 
 
-ns = Collection(plan, provision, driver, cuda, compiler, patch, build, models, verify, report)
+ns = Collection(plan, provision, driver, cuda, compiler, patch, build, models, verify, report, undo)
 ns.add_collection(serve_tasks.ns)   # invoke serve, serve.start|stop|status|logs
 ns.add_task(serve_tasks.doctor)       # invoke doctor
 ns.add_task(tune_tasks.tune)          # invoke tune
