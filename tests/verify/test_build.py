@@ -2,21 +2,12 @@
 resolved (CUDA ones included on a CUDA build), with the stamp and the flag dialect next to them."""
 
 import json
-import os
 import shlex
 
 import pytest
 
 from provision import config
 from provision.steps import build as step
-
-
-@pytest.fixture(scope="module")
-def gcfg():
-    path = os.environ.get("GPUBOX_CONFIG")
-    if path:
-        return json.loads(open(path).read())
-    return config.validate(config.defaults()["gpubox"])
 
 
 def _home(host, gcfg) -> str:

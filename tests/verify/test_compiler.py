@@ -1,20 +1,9 @@
 """testinfra: step 3 (compiler) on the target: gcc-14 through the build's PATH only."""
 
-import json
-import os
 import shlex
 
 import pytest
 
-from provision import config
-
-
-@pytest.fixture(scope="module")
-def gcfg():
-    path = os.environ.get("GPUBOX_CONFIG")
-    if path:
-        return json.loads(open(path).read())
-    return config.validate(config.defaults()["gpubox"])
 
 
 def test_gcc14_packages(host, gcfg):

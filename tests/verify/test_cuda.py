@@ -1,20 +1,8 @@
 """testinfra: step 2 (cuda) on the target."""
 
-import json
-import os
 import re
 
-import pytest
 
-from provision import config
-
-
-@pytest.fixture(scope="module")
-def gcfg():
-    path = os.environ.get("GPUBOX_CONFIG")
-    if path:
-        return json.loads(open(path).read())
-    return config.validate(config.defaults()["gpubox"])
 
 
 def test_packages_at_the_version(host, gcfg):

@@ -1,21 +1,9 @@
 """testinfra: step 1 (driver) on the target. Run by `invoke verify` / `fab -H HOST verify`
 (config from the JSON file named by GPUBOX_CONFIG; the defaults when unset)."""
 
-import json
-import os
-import shlex
 
 import pytest
 
-from provision import config
-
-
-@pytest.fixture(scope="module")
-def gcfg():
-    path = os.environ.get("GPUBOX_CONFIG")
-    if path:
-        return json.loads(open(path).read())
-    return config.validate(config.defaults()["gpubox"])
 
 
 def family(host):

@@ -4,20 +4,11 @@ profile's. The sha256 is re-computed only with `invoke verify --deep` (GPUBOX_VE
 size and mtime must equal what the lock recorded when the file was verified (16 GB are not re-read)."""
 
 import base64
-import json
 import os
 
 import pytest
 
 from provision import config, fetch, lockfile
-
-
-@pytest.fixture(scope="module")
-def gcfg():
-    path = os.environ.get("GPUBOX_CONFIG")
-    if path:
-        return json.loads(open(path).read())
-    return config.validate(config.defaults()["gpubox"])
 
 
 @pytest.fixture(scope="module")

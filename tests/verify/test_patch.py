@@ -2,22 +2,11 @@
 original exists, and `rpm -V cuda-crt-12-9` flags that one file only."""
 
 import hashlib
-import json
-import os
 import shlex
 
 import pytest
 
-from provision import config
 from provision.steps import patch
-
-
-@pytest.fixture(scope="module")
-def gcfg():
-    path = os.environ.get("GPUBOX_CONFIG")
-    if path:
-        return json.loads(open(path).read())
-    return config.validate(config.defaults()["gpubox"])
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,10 @@
 """testinfra: the serve step on the target: the unit (or gpubox's supervised process) runs llama-server with the
 configured command, the port listens, /health is 200 and /v1/models names the model."""
 
-import json
-import os
 
 import pytest
 
-from provision import config
 from provision.serve import service, smoke
-
-
-@pytest.fixture(scope="module")
-def gcfg():
-    path = os.environ.get("GPUBOX_CONFIG")
-    if path:
-        return json.loads(open(path).read())
-    return config.validate(config.defaults()["gpubox"])
 
 
 @pytest.fixture(scope="module")
