@@ -6,8 +6,8 @@ Target: GPUBOX_SERVE_TARGET=sandbox runs it in the sandbox (tests/integration/co
 sandbox's gpubox overrides) with the llama-server that the build step built there (build.build_dir): run
 `pytest tests/integration/test_build.py tests/integration/test_serve.py` in one session, since a session resets
 the sandbox first. Otherwise (default) on
-this host through an Invoke Context with the llama-server at $GPUBOX_LLAMA_SERVER (default
-~/.cache/gpubox/llama-local/build/bin/llama-server). Either way the code under test is the same: facts, check,
+this host through an Invoke Context with the llama-server that gpubox's build step made here (the `llama_bin`
+fixture of tests/conftest.py; GPUBOX_LLAMA_BIN=DIR for your own). Either way the code under test is the same: facts, check,
 apply, wait_ready, smoke, logparse, doctor.
 """
 
@@ -30,8 +30,6 @@ from provision.testmodels import write_tiny
 
 pytestmark = pytest.mark.integration
 
-LOCAL_SERVER = Path(os.environ.get("GPUBOX_LLAMA_SERVER",
-                                   os.path.expanduser("~/.cache/gpubox/llama-local/build/bin/llama-server")))
 TARGET = os.environ.get("GPUBOX_SERVE_TARGET", "local")
 
 
@@ -95,11 +93,11 @@ def target(request, tmp_path_factory):
         t = Target(conn, "/var/tmp/gpubox-serve-it", bd, base)
         conn.run(f"rm -rf {t.dir} && mkdir -p {t.dir}/models", hide=True)
     else:
-        if not LOCAL_SERVER.exists():
-            pytest.skip(f"no local llama-server at {LOCAL_SERVER} (set GPUBOX_LLAMA_SERVER)")
+        # This host, with the llama-server that gpubox's build step made here (tests/conftest.py llama_bin).
+        server = request.getfixturevalue("llama_bin") / "llama-server"
         from invoke import Config, Context
         c = Context(Config(overrides={"run": {"in_stream": False}}))
-        t = Target(c, str(tmp_path_factory.mktemp("serve-target")), str(LOCAL_SERVER.parent.parent))
+        t = Target(c, str(tmp_path_factory.mktemp("serve-target")), str(server.parent.parent))
     for f in (moe, draft, broken):
         t.put(f, f"{t.dir}/models/{f.name}")
     return t

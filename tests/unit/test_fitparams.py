@@ -21,7 +21,6 @@ from provision.tune import fitparams as F, ggufhead
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tune"
 REPO = Path(__file__).resolve().parents[2]
-LOCAL_BIN = Path(os.environ.get("GPUBOX_LLAMA_BIN", os.path.expanduser("~/.cache/gpubox/llama-local/build/bin")))
 
 
 def real(name: str) -> tuple[str, str]:
@@ -73,8 +72,6 @@ def test_argv_renders_the_users_settings():
     assert "-np" not in F.argv("/b/f", model="/m", n_cpu_moe=1, ctx=512, serve=serve, accepted=None)
 
 
-needs_build = pytest.mark.skipif(not (LOCAL_BIN / "llama-fit-params").exists(),
-                                 reason=f"no local llama-fit-params at {LOCAL_BIN} (scripts/setup builds it)")
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +83,12 @@ def synth(tmp_path_factory):
     return path
 
 
-@needs_build
 @pytest.mark.parametrize("ctx, kv", [(576, "f16"), (32768, "f16"), (32768, "q8_0"), (4096, "q4_0")])
-def test_the_real_binary_takes_the_argv_and_its_kv_matches_the_header_formula(synth, ctx, kv):
+def test_the_real_binary_takes_the_argv_and_its_kv_matches_the_header_formula(llama_bin, synth, ctx, kv):
     """The command tune builds runs on the real binary, and its context estimate agrees with the KV formula
     that tune applies to the assistant's GGUF header (the same arithmetic, checked against llama.cpp)."""
     from provision.serve import helptext
-    binary = str(LOCAL_BIN / "llama-fit-params")
+    binary = str(llama_bin / "llama-fit-params")
     h = subprocess.run([binary, "--help"], capture_output=True, text=True)
     parsed = helptext.parse(h.stdout + h.stderr)
     serve = {"n_gpu_layers": 999, "flash_attn": "on", "cache_type_k": kv, "cache_type_v": kv, "parallel": 1,

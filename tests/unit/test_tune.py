@@ -370,9 +370,6 @@ def test_parse_probe_output():
 
 # --- a real probe on the CPU build (the same script the GPU run uses) ---------------------------------------
 
-LOCAL_BIN = Path(os.environ.get("GPUBOX_LLAMA_BIN", os.path.expanduser("~/.cache/gpubox/llama-local/build/bin")))
-needs_server = pytest.mark.skipif(not (LOCAL_BIN / "llama-server").exists(),
-                                  reason=f"no local llama-server build at {LOCAL_BIN} (scripts/setup builds it)")
 
 
 @pytest.fixture(scope="module")
@@ -400,10 +397,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@needs_server
-def test_real_probe_runs_a_batch_and_generates(tiny_moe, tmp_path):
+def test_real_probe_runs_a_batch_and_generates(llama_bin, tiny_moe, tmp_path):
     port = _free_port()
-    argv = [str(LOCAL_BIN / "llama-server"), "-m", str(tiny_moe), "-c", "576", "-ncmoe", "1", "-np", "1",
+    argv = [str(llama_bin / "llama-server"), "-m", str(tiny_moe), "-c", "576", "-ncmoe", "1", "-np", "1",
             "-t", "2", "--host", "127.0.0.1", "--port", str(port)]
     ps = P.ProbeSettings(workdir=str(tmp_path), port=port, ready_timeout=120, request_timeout=120,
                          prompt_tokens=P.prompt_tokens_for(576, 16, 512), gen_tokens=16, vocab=2048)
@@ -415,22 +411,20 @@ def test_real_probe_runs_a_batch_and_generates(tiny_moe, tmp_path):
     assert (tmp_path / "k1" / "server.log").exists()
 
 
-@needs_server
-def test_real_probe_bad_flag_is_an_error_not_a_memory_verdict(tiny_moe, tmp_path):
+def test_real_probe_bad_flag_is_an_error_not_a_memory_verdict(llama_bin, tiny_moe, tmp_path):
     port = _free_port()
-    argv = [str(LOCAL_BIN / "llama-server"), "-m", str(tiny_moe), "--draft-block-size", "3",
+    argv = [str(llama_bin / "llama-server"), "-m", str(tiny_moe), "--draft-block-size", "3",
             "--host", "127.0.0.1", "--port", str(port)]
     r, raw = P.run_probe(_host(), 0, argv, P.ProbeSettings(workdir=str(tmp_path), port=port, ready_timeout=60))
     assert r.outcome == S.ERROR and "draft-block-size" in r.detail
 
 
-@needs_server
-def test_real_allocation_failure_is_out_of_memory(tiny_moe, tmp_path):
+def test_real_allocation_failure_is_out_of_memory(llama_bin, tiny_moe, tmp_path):
     """The CPU build's own allocation failure (address space capped with ulimit -v, a 256k context): a real
     start-up failure, classified as does-not-fit. Which form it takes depends on where the allocation fails:
     'failed to allocate compute pp buffers' (exit 1) or GGML_ASSERT(ctx->mem_buffer != NULL) (exit 134)."""
     port = _free_port()
-    argv = ["bash", "-c", 'ulimit -v 600000; exec "$@"', "x", str(LOCAL_BIN / "llama-server"), "-m", str(tiny_moe),
+    argv = ["bash", "-c", 'ulimit -v 600000; exec "$@"', "x", str(llama_bin / "llama-server"), "-m", str(tiny_moe),
             "-c", "262144", "-t", "2", "--host", "127.0.0.1", "--port", str(port)]
     r, raw = P.run_probe(_host(), 0, argv, P.ProbeSettings(workdir=str(tmp_path), port=port, ready_timeout=60))
     assert r.outcome in (S.OOM_KV, S.ABORT), (r.outcome, r.detail, raw.log[-1500:])
