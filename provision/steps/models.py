@@ -141,7 +141,9 @@ def human(n) -> str:
 
 
 def draft_key(cfg: dict) -> str:
-    return cfg["serve"].get("draft_model") or ""
+    """The file whose architecture must match the fork build: serve.draft_model, else the file named
+    `assistant` (it is downloaded, and checked, even while serving without drafting)."""
+    return cfg["serve"].get("draft_model") or ("assistant" if "assistant" in cfg["models"]["files"] else "")
 
 
 def arch_fix(cfg: dict, actual: str) -> str:

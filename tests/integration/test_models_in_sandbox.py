@@ -93,7 +93,8 @@ def sets(dirs, *more):
 
 def latest_report(conn) -> dict:
     cfg = config.load(conn)
-    return json.loads((Path(os.path.expanduser(cfg["report_dir"])) / "gpubox-latest.json").read_text())
+    # Reports are named after the connection's host, which Fabric takes from the ssh config (10.200.0.2).
+    return json.loads((Path(os.path.expanduser(cfg["report_dir"])) / f"{conn.host}-latest.json").read_text())
 
 
 def on_target(conn, command: str) -> str:
@@ -138,13 +139,15 @@ def test_ssh_session_killed_mid_transfer_then_resumed(conn, hub, dirs, sandbox):
         time.sleep(0.1)
     p.send_signal(signal.SIGKILL)                        # the controller dies: the SSH session is gone
     p.wait()
-    # the target's downloader stops at its next progress line (broken pipe); wait until the partial is still
-    for _ in range(100):
-        a = on_target(conn, f"stat -c %s {partial}").strip()
-        time.sleep(0.7)
-        if on_target(conn, f"stat -c %s {partial}").strip() == a:
+    # The target's downloader notices the lost session only at its next progress line (broken pipe, up to
+    # models.progress_interval s later) and writes on until then: wait until it is gone, then read the size.
+    for _ in range(300):
+        if not on_target(conn, f"pgrep -f {dirs['models.dir']}").strip():
             break
-    have = int(a)
+        time.sleep(0.1)
+    else:
+        pytest.fail("the target's downloader outlived the killed session by 30 s")
+    have = int(on_target(conn, f"stat -c %s {partial}").strip())
     assert 0 < have, "nothing was downloaded before the kill"
     assert on_target(conn, f"test -e {dirs['models.dir']}/{model} && echo yes").strip() == ""
     first = sum(r["sent"] for r in h.gets() if model in r["path"])
