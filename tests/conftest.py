@@ -15,6 +15,12 @@ from pathlib import Path
 
 import pytest
 
+# Tests talk to loopback and their own namespaces only. Without this, a fact gathered on this host (the
+# models step asks the Hub for file sizes) would try huggingface.co; tests that need a Hub start their own
+# local server and set HF_ENDPOINT to it. Port 9 (discard) refuses at once.
+os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
 BUILD_TARGETS = "[llama-server, llama-fit-params]"
 
 

@@ -220,7 +220,8 @@ def check(facts: dict, cfg: dict) -> Check:
                 f"mainline driver packages: 59x dropped Pascal, and a {major} module with 59x userspace does "
                 "not work; erased by the same transaction (--allowerasing)", [swap_cmd]))
         if rv and str(rv) != str(host_rel):
-            warnings.append(f"--releasever={rv} installs packages built for Fedora {rv} on this Fedora {host_rel} "
+            host_os = ("Fedora" if os_.get("id") == "fedora" else str(os_.get("id", UNKNOWN)).capitalize())
+            warnings.append(f"--releasever={rv} installs packages built for Fedora {rv} on this {host_os} {host_rel} "
                             f"host (the recipe's choice: RPM Fusion's {branch} split); later `dnf upgrade` runs do "
                             "not track them, so the lock below holds them")
     if wrong_version:
