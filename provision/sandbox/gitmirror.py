@@ -50,7 +50,9 @@ def sdist_path(p: Paths, log=print) -> Path:
         if (d / SDIST).is_file():
             return d / SDIST
     p.sdist.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "--no-build-isolation",
+    # pip prepares an sdist's metadata by running its build backend; with build isolation it fetches that
+    # backend (scikit-build-core) itself. (--no-build-isolation failed on a fresh machine: backend missing.)
+    argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
             "-q", "-d", str(p.sdist), REQUIREMENT]
     log("sandbox: " + " ".join(argv[2:]))
     r = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, PIP_CONSTRAINT=""))
