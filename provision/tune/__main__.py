@@ -25,7 +25,7 @@ def serve_settings(a) -> dict:
     return {"host": "127.0.0.1", "port": a.port, "ctx_size": a.ctx, "parallel": a.np, "n_gpu_layers": a.ngl,
             "n_cpu_moe": 0, "cache_type_k": a.ctk, "cache_type_v": a.ctv, "flash_attn": a.fa,
             "mlock": False, "mmap": True, "draft_model": "assistant" if a.draft else "",
-            "spec_type": "mtp" if a.draft else "none", "draft_block_size": 3, "draft_max": 16, "draft_min": 0,
+            "spec_type": (a.spec_type or "mtp") if a.draft else "none", "draft_block_size": 3, "draft_max": 16, "draft_min": 0,
             "n_gpu_layers_draft": 99, "n_cpu_moe_draft": 0, "cache_type_k_draft": a.ctkd,
             "cache_type_v_draft": a.ctvd, "override_tensor_draft": a.otd, "override_tensor": [],
             "log_verbosity": None, "on_missing_option": "error", "service_user": "", "ready_timeout": 600}
@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--bin-dir", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--draft", default="")
+    p.add_argument("--spec-type", default="", help="with --draft: mtp (the fork's assistant head, default) or "
+                   "draft (a plain draft model, e.g. on upstream llama.cpp)")
     p.add_argument("--ctx", type=int, required=True)
     p.add_argument("--ctk", default="f16")
     p.add_argument("--ctv", default="f16")
