@@ -274,3 +274,14 @@ def test_failed_transaction_is_clear_and_changes_nothing(step, sets, expect, san
     assert ssh(sandbox, "test -e /etc/dnf/versionlock.toml && echo locked || echo none").strip() == "none"
     assert ssh(sandbox, "test -e /var/lib/gpubox/shims && echo shims || echo none").strip() == "none"
     reset_sandbox()
+
+
+def test_fab_with_several_hosts_runs_the_task_on_each(sandbox, tmp_path):
+    """`fab -H a,b plan`: Fabric calls the same task body once per host. Both names reach the sandbox (its
+    ssh config knows `gpubox` and the address), so two plans are printed, one per connection."""
+    r = subprocess.run([sys.executable, "-m", "fabric", "-S", sandbox.ssh_config, "-H", "gpubox,10.200.0.2",
+                        "-f", sandbox.overrides_file, "plan", "--only", "driver", "--set", f"report_dir={tmp_path}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("gpubox plan on 10.200.0.2 [Fedora Linux 42") == 2, r.stdout
+    assert len(list(tmp_path.glob("10.200.0.2-*-plan.json"))) >= 1
