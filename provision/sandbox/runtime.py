@@ -76,6 +76,19 @@ class Info:
     def overrides(self) -> dict:
         return yaml.safe_load(Path(self.overrides_file).read_text())
 
+    def gpubox_config(self, report_dir: str | Path) -> dict:
+        """The validated gpubox config a run against the sandbox uses: defaults, the sandbox's overrides on
+        top (one level deep, as Invoke merges them), and the given report_dir."""
+        from .. import config
+        raw = config.defaults()["gpubox"]
+        for k, v in (self.overrides().get("gpubox") or {}).items():
+            if isinstance(v, dict) and isinstance(raw.get(k), dict):
+                raw[k].update(v)
+            else:
+                raw[k] = v
+        raw["report_dir"] = str(report_dir)
+        return config.validate(raw)
+
 
 def _log_default(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from provision import config
 from provision import facts as factmod
 from provision.engine import CHANGED, FAILED, OK, PLANNED, Runner
 from provision.host import Host
@@ -26,17 +25,6 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 SHA_12986 = "2f2189d1752d862e96122f985484c89e16bd03a485a01e1f114514f738a2ed4f"
-
-
-def sandbox_cfg(inf, report_dir: Path) -> dict:
-    raw = config.defaults()["gpubox"]
-    for k, v in (inf.overrides().get("gpubox") or {}).items():
-        if isinstance(v, dict) and isinstance(raw.get(k), dict):
-            raw[k].update(v)
-        else:
-            raw[k] = v
-    raw["report_dir"] = str(report_dir)
-    return config.validate(raw)
 
 
 def ssh(inf, command: str) -> subprocess.CompletedProcess:
@@ -51,7 +39,7 @@ def run(conn, cfg, names, plan=False):
 
 def test_patch_journey_over_ssh(sandbox, conn, reset_sandbox, tmp_path):
     reset_sandbox()
-    cfg = sandbox_cfg(sandbox, tmp_path / "reports")
+    cfg = sandbox.gpubox_config(tmp_path / "reports")
     h = patch.header_path(cfg)
     try:
         # 1. No CUDA yet: plan says why; provision refuses with the fix.

@@ -80,17 +80,6 @@ def state(inf) -> dict:
             "header+temp": parts[5] if len(parts) > 5 else ""}
 
 
-def sandbox_cfg(inf, report_dir: Path) -> dict:
-    raw = config.defaults()["gpubox"]
-    for k, v in (inf.overrides().get("gpubox") or {}).items():
-        if isinstance(v, dict) and isinstance(raw.get(k), dict):
-            raw[k].update(v)
-        else:
-            raw[k] = v
-    raw["report_dir"] = str(report_dir)
-    return config.validate(raw)
-
-
 def verify_files() -> list[str]:
     return [str(REPO / "tests" / "verify" / f"test_{n}.py") for n in STEPS
             if (REPO / "tests" / "verify" / f"test_{n}.py").exists()]
@@ -171,7 +160,7 @@ def test_plan_after_lists_nothing(journey):
 
 def test_testinfra_suite_passes_against_the_sandbox(journey, sandbox, tmp_path):
     cfgfile = tmp_path / "verify-config.json"
-    cfgfile.write_text(json.dumps(sandbox_cfg(sandbox, journey["report_dir"])))
+    cfgfile.write_text(json.dumps(sandbox.gpubox_config(journey["report_dir"])))
     files = verify_files()
     assert len(files) >= 3
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *files,
