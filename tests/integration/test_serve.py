@@ -4,7 +4,7 @@ supervisor, real HTTP, the real log.
 
 Target: GPUBOX_SERVE_TARGET=sandbox runs it in the sandbox (tests/integration/conftest.py's `sandbox`, the
 sandbox's gpubox overrides) with the llama-server that the build step built there (build.build_dir): run
-`pytest tests/integration/test_build.py tests/integration/test_serve.py` in one session, since a session resets
+`pytest tests/integration/test_build_in_sandbox.py tests/integration/test_serve.py` in one session, since a session resets
 the sandbox first. Otherwise (default) on
 this host through an Invoke Context with the llama-server that gpubox's build step made here (the `llama_bin`
 fixture of tests/conftest.py; GPUBOX_LLAMA_BIN=DIR for your own). Either way the code under test is the same: facts, check,
@@ -88,7 +88,7 @@ def target(request, tmp_path_factory):
         base = config._plain(conn.config.gpubox)
         bd = base["build"]["build_dir"]
         if conn.run(f"test -x {bd}/bin/llama-server", warn=True, hide=True).exited != 0:
-            pytest.skip(f"no llama-server built in the sandbox at {bd}/bin: run tests/integration/test_build.py in "
+            pytest.skip(f"no llama-server built in the sandbox at {bd}/bin: run tests/integration/test_build_in_sandbox.py in "
                         "the same session first (the session resets the sandbox)")
         t = Target(conn, "/var/tmp/gpubox-serve-it", bd, base)
         conn.run(f"rm -rf {t.dir} && mkdir -p {t.dir}/models", hide=True)
