@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..facts import parse_gpus
-from ..host import cmd
+from ..host import CommandFailed, cmd
 from . import fitparams, ggufhead, probe as P, search as S, state as ST
 
 GGUFHEAD_SRC = Path(ggufhead.__file__).read_text()
@@ -134,17 +134,13 @@ def read_state(host, state_dir: str) -> dict[str, Any]:
     return ST.parse(r.stdout or "") if r.exited == 0 else ST.empty()
 
 
-# Atomic write with the content as an argument (Host.write_file sends it on stdin, which Invoke feeds one
-# byte per 10 ms: 20 KB would take minutes).
-_WRITE = ('set -e; d=$(dirname "$1"); mkdir -p "$d"; t=$(mktemp "$d/.tune.XXXXXX"); '
-          'printf "%s" "$2" > "$t"; chmod 0644 "$t"; mv -f "$t" "$1"')
-
-
 def write_state(host, state_dir: str, doc: dict[str, Any]) -> str:
     path = f"{state_dir.rstrip('/')}/{ST.FILENAME}"
-    argv = ["sh", "-c", _WRITE, "gpubox-tune", path, ST.dumps(ST.trim(doc))]
-    if host.run(argv, check=False).exited != 0:
-        host.run(argv, root=True)
+    text = ST.dumps(ST.trim(doc))
+    try:
+        host.write_file(path, text, mode="0644")
+    except CommandFailed:          # the state dir is root's (e.g. /var/lib/gpubox)
+        host.write_file(path, text, mode="0644", root=True)
     return path
 
 

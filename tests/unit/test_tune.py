@@ -518,3 +518,18 @@ def test_tune_without_a_gpu_says_so_and_changes_nothing(tmp_path):
     assert p.returncode == 1
     assert "no NVIDIA GPU is visible" in p.stderr and "nothing was changed" in p.stderr
     assert not state.exists() and not reports.exists()
+
+
+def test_state_is_written_atomically_and_read_back(tmp_path):
+    """write_state goes through Host.write_file (temp file + rename) on a real shell; read_state parses it."""
+    from provision.host import Host
+    from provision.tune import runner
+    from provision.tune.local import LocalContext
+    host = Host(LocalContext())
+    doc = ST.empty()
+    doc["current"] = {"n_cpu_moe": 33}
+    path = runner.write_state(host, str(tmp_path / "state"), doc)
+    assert runner.read_state(host, str(tmp_path / "state"))["current"] == {"n_cpu_moe": 33}
+    assert oct((tmp_path / "state" / "tune.json").stat().st_mode & 0o777) == "0o644"
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["tune.json"]   # no temp file left
+    assert path.endswith("/state/tune.json")
