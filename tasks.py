@@ -28,7 +28,7 @@ from provision.host import Host
 from provision.steps import BY_NAME, STEPS
 from provision.serve import tasks as serve_tasks
 from provision.tune import tasks as tune_tasks
-from provision.sandbox.tasks import sandbox_ns, demo
+from testbed.sandbox.tasks import sandbox_ns, demo
 
 REPO = Path(__file__).resolve().parent
 

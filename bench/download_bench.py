@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Download benchmark for step 6: gpubox's fetch.py (the target-side downloader, real huggingface_hub)
-against provision.hfserver on 127.0.0.1. Prints three figures:
+against testbed.hfserver on 127.0.0.1. Prints three figures:
 
   1. throughput with the server limited to --rate-mib MiB/s, as a fraction of that limit   (target >= 0.95)
   2. bytes transferred twice after a SIGKILL at about 50 %, as a fraction of the file     (target <= 5 %)
@@ -10,7 +10,7 @@ against provision.hfserver on 127.0.0.1. Prints three figures:
     python bench/download_bench.py [--size-mib 128] [--rate-mib 32] [--repeat 3] [--json OUT.json]
 
 The file is a tiny GGUF followed by random bytes (incompressible), written once under $GPUBOX_CACHE/bench (~/.cache/gpubox).
-The server runs as its own process (python -m provision.hfserver) so client and server do not share a GIL;
+The server runs as its own process (python -m testbed.hfserver) so client and server do not share a GIL;
 bytes sent are read from its request log, not estimated.
 """
 
@@ -46,7 +46,7 @@ def make_file(size: int) -> Path:
     p = root / REPO / NAME
     if not p.exists() or p.stat().st_size != size:
         p.parent.mkdir(parents=True, exist_ok=True)
-        from provision.testmodels import write_tiny
+        from testbed.testmodels import write_tiny
         head = write_tiny(p.parent / "head.gguf").read_bytes()   # a real GGUF header, then random bytes
         (p.parent / "head.gguf").unlink()
         with open(p, "wb") as f:
@@ -71,7 +71,7 @@ class Server:
     def __init__(self, root: Path, rate: float = 0):
         self.port = free_port()
         self.log = Path(tempfile.mkstemp(suffix=".jsonl")[1])
-        argv = [sys.executable, "-m", "provision.hfserver", "--root", str(root), "--port", str(self.port),
+        argv = [sys.executable, "-m", "testbed.hfserver", "--root", str(root), "--port", str(self.port),
                 "--log", str(self.log)]
         if rate:
             argv += ["--rate", str(rate)]

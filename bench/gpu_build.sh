@@ -63,7 +63,7 @@ if [ "$(git -C "$seed" rev-parse HEAD 2>/dev/null)" != "$want" ]; then
   tar -xzf .gpu/llama-src.tar.gz -C "$seed"
   python3 - "$seed" <<'PY'
 import os, subprocess, sys
-from provision.sandbox.gitmirror import GIT_ENV
+from testbed.sandbox.gitmirror import GIT_ENV
 env = dict(os.environ, **GIT_ENV)
 for a in (["init", "-q", "-b", "master", "."], ["add", "-A", "."],
           ["commit", "-q", "-m", "llama.cpp as vendored by llama-cpp-python 0.3.36 (gpubox sandbox mirror)"]):

@@ -1,7 +1,7 @@
 """GPU check of the serve step (run by bench/gpu_serve.sh on the GPU machine; works on CPU too, minus the GPU parts).
 
 Given a llama-server binary (a CUDA build of the fork or of upstream), offline:
-  1. writes tiny GGUFs with provision.testmodels: a llama MoE target and a dense llama draft model;
+  1. writes tiny GGUFs with testbed.testmodels: a llama MoE target and a dense llama draft model;
   2. starts the server through gpubox's serve step (render for the binary's dialect from its own --help, install
      the launch files, start, wait for /health) at -lv 4, with the draft's token embedding forced onto the GPU
      (the recipe's remedy, override token_embd\\.weight=CUDA0);
@@ -33,7 +33,7 @@ from provision.engine import Runner  # noqa: E402
 from provision.facts import gather  # noqa: E402
 from provision.host import Host  # noqa: E402
 from provision.serve import doctor, logparse, service, smoke, step  # noqa: E402
-from provision.testmodels import write_tiny  # noqa: E402
+from testbed.testmodels import write_tiny  # noqa: E402
 
 
 def free_port() -> int:

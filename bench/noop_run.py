@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 
 from fabric import Config, Connection  # noqa: E402
 
-from provision import config, sandbox  # noqa: E402
+from provision import config  # noqa: E402
+from testbed import sandbox  # noqa: E402
 from provision.engine import Runner  # noqa: E402
 from provision.host import Host  # noqa: E402
 from provision.steps import BY_NAME  # noqa: E402

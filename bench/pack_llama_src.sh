@@ -28,14 +28,14 @@ tar -xzf "$sdist" -C "$tmp" llama_cpp_python-0.3.36/vendor/llama.cpp
 src=$tmp/llama_cpp_python-0.3.36/vendor/llama.cpp
 rm -f "$src/.git"   # a submodule pointer file, not a repository
 # The same list the sandbox mirror strips (one source of truth: the Python module).
-(cd "$here" && "$py" -c 'from provision.sandbox.gitmirror import STRIP; print("\n".join(STRIP))') | while read -r n; do
+(cd "$here" && "$py" -c 'from testbed.sandbox.gitmirror import STRIP; print("\n".join(STRIP))') | while read -r n; do
   [ -n "$n" ] && rm -rf "${src:?}/$n"
 done
 tar -C "$src" --sort=name --owner=0 --group=0 --numeric-owner --mtime=2026-01-01 -czf "$dest/llama-src.tar.gz" .
 # The commit, exactly as the mirror and gpu_build.sh make it.
 (cd "$here" && "$py" - "$src" > "$dest/llama-src.sha") <<'PY'
 import os, subprocess, sys
-from provision.sandbox.gitmirror import GIT_ENV
+from testbed.sandbox.gitmirror import GIT_ENV
 env = dict(os.environ, **GIT_ENV)
 src = sys.argv[1]
 for a in (["init", "-q", "-b", "master", "."], ["add", "-A", "."],

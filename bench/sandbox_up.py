@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from provision.sandbox import Paths, runtime  # noqa: E402
+from testbed.sandbox import Paths, runtime  # noqa: E402
 
 
 def timed(fn, *a, **kw) -> float:

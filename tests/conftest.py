@@ -34,8 +34,8 @@ def llama_bin() -> Path:
     from invoke import Config, Context
 
     import tasks
-    from provision.sandbox import gitmirror
-    from provision.sandbox.paths import Paths, cache_root
+    from testbed.sandbox import gitmirror
+    from testbed.sandbox.paths import Paths, cache_root
 
     p = Paths.default()
     gitmirror.ensure(p, log=lambda *a: None)

@@ -22,7 +22,7 @@ import os
 
 import pytest
 
-from provision.sandbox import Paths, runtime
+from testbed.sandbox import Paths, runtime
 
 NEEDS_ROOT = "the sandbox needs root (network namespace, overlay mounts, chroot); CI runs these as root"
 

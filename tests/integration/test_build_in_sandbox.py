@@ -93,7 +93,7 @@ def test_testinfra_verification_passes(built, sandbox, tmp_path):
 
 
 def test_built_server_answers_health(built, tmp_path):
-    from provision.testmodels import write_tiny
+    from testbed.testmodels import write_tiny
     c, cfg, _, _ = built
     gguf = write_tiny(tmp_path / "tiny.gguf")
     c.put(str(gguf), "/tmp/gpubox-build-tiny.gguf")

@@ -1,5 +1,5 @@
 """Step 6 against the sandbox host over real SSH (Fabric), with the real huggingface_hub on the target and
-provision.hfserver on the sandbox's host address: fresh download, already present (no transfer), SSH
+testbed.hfserver on the sandbox's host address: fresh download, already present (no transfer), SSH
 session killed mid-transfer then resumed, corrupted byte, wrong pinned hash, disk preflight, assistant
 architecture mismatch. Each test uses its own models.dir and state_dir on the target."""
 
@@ -20,8 +20,8 @@ from invoke import Exit
 
 import tasks
 from provision import config, fetch
-from provision.sandbox.paths import HOST_ADDRESS
-from provision.testmodels import write_tiny
+from testbed.sandbox.paths import HOST_ADDRESS
+from testbed.testmodels import write_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = config.defaults()["gpubox"]["models"]["files"]
@@ -41,7 +41,7 @@ class Hub:
     def __init__(self, root: Path, *extra: str):
         self.port = free_port()
         self.log = root / "requests.jsonl"
-        self.p = subprocess.Popen([sys.executable, "-m", "provision.hfserver", "--root", str(root), "--host", HOST_ADDRESS,
+        self.p = subprocess.Popen([sys.executable, "-m", "testbed.hfserver", "--root", str(root), "--host", HOST_ADDRESS,
                                    "--port", str(self.port), "--log", str(self.log), *extra],
                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.p.stdout.readline()
@@ -125,7 +125,7 @@ def test_ssh_session_killed_mid_transfer_then_resumed(conn, hub, dirs, sandbox):
     model = FILES["model"]["filename"]
     partial = f"{dirs['models.dir']}/.{model}{fetch.PARTIAL_SUFFIX}"
     code = ("import sys, tasks; sys.path.insert(0, 'tests/integration'); from conftest import make_connection; "
-            "from provision.sandbox import runtime; c = make_connection(runtime.info()); "
+            "from testbed.sandbox import runtime; c = make_connection(runtime.info()); "
             f"tasks.run_steps(c, ['models'], sets={sets(dirs)!r})")
     p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, HF_ENDPOINT=h.url),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from provision.sandbox import ADDRESS, NETNS, PERSIST_MOUNT, runtime
+from testbed.sandbox import ADDRESS, NETNS, PERSIST_MOUNT, runtime
 
 pytestmark = pytest.mark.integration
 

@@ -1,5 +1,5 @@
 """Integration: the serve step for real -- a real llama-server (CPU build of upstream llama.cpp), tiny GGUFs from
-provision.testmodels (a llama MoE target so --n-cpu-moe has experts to move, a dense draft model), the real
+testbed.testmodels (a llama MoE target so --n-cpu-moe has experts to move, a dense draft model), the real
 supervisor, real HTTP, the real log.
 
 Target: GPUBOX_SERVE_TARGET=sandbox runs it in the sandbox (tests/integration/conftest.py's `sandbox`, the
@@ -26,7 +26,7 @@ from provision.engine import CHANGED, OK, Runner, StepError
 from provision.facts import gather
 from provision.host import Host
 from provision.serve import doctor, logparse, service, smoke, step
-from provision.testmodels import write_tiny
+from testbed.testmodels import write_tiny
 
 pytestmark = pytest.mark.integration
 

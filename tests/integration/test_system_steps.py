@@ -90,7 +90,7 @@ def verify_files() -> list[str]:
 @pytest.fixture(scope="module")
 def journey(sandbox, tmp_path_factory):
     """plan -> provision -> provision again -> plan, from a pristine sandbox; the reports of each."""
-    from provision.sandbox import runtime, Paths
+    from testbed.sandbox import runtime, Paths
     runtime.reset(Paths.default(), log=lambda m: None)
     rd = tmp_path_factory.mktemp("reports")
     out = {"rpm_before": ssh(sandbox, "rpm -qa | sort")}

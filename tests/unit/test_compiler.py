@@ -10,7 +10,7 @@ from provision import config, facts as factmod
 from provision.engine import NotFedora
 from provision.host import Host
 from provision.steps import compiler
-from provision.testing import mock_context
+from testbed.testing import mock_context
 
 GCC14 = {"gcc14": "14.2.1-8.fc42", "gcc14-c++": "14.2.1-8.fc42"}
 GOOD = {"dir": {"uid": 0, "mode": 0o755}, "parent": {"uid": 0, "mode": 0o755},

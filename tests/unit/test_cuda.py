@@ -9,7 +9,7 @@ from provision import config, facts as factmod
 from provision.engine import NotFedora, StepError
 from provision.host import Host
 from provision.steps import cuda
-from provision.testing import facts_stdout, mock_context
+from testbed.testing import facts_stdout, mock_context
 
 PKGS = {"cuda-nvcc-12-9": "12.9.86-1", "cuda-cudart-devel-12-9": "12.9.79-1", "libcublas-devel-12-9": "12.9.1.4-1",
         "cuda-cccl-12-9": "12.9.27-1", "cuda-crt-12-9": "12.9.86-1"}

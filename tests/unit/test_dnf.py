@@ -6,7 +6,7 @@ from invoke import Result
 from provision import dnf
 from provision.engine import StepError
 from provision.host import Host
-from provision.testing import mock_context
+from testbed.testing import mock_context
 
 # What dnf5 (5.4, the sandbox's) and dnf4 print; texts as recorded in ../shared/reference/testbed.md and
 # from runs in the sandbox.

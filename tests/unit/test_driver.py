@@ -9,7 +9,7 @@ from provision import config, dnf, facts as factmod
 from provision.engine import NotFedora, StepError
 from provision.host import Host
 from provision.steps import driver
-from provision.testing import FEDORA42_OS, mock_context
+from testbed.testing import FEDORA42_OS, mock_context
 
 KERNEL = "6.14.5-300.fc42.x86_64"
 MAINLINE = {n: "590.48.01-1.fc42" for n in ["akmod-nvidia", "xorg-x11-drv-nvidia", "xorg-x11-drv-nvidia-cuda",
@@ -199,7 +199,7 @@ def test_apply_refuses_a_host_that_is_not_fedora(cfg):
 # --- fact parsers on real texts ------------------------------------------------------------------------
 
 def test_fact_parsers_through_the_fact_script(cfg):
-    from provision.testing import facts_stdout
+    from testbed.testing import facts_stdout
     out = facts_stdout({
         "driver_loaded": "NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.119.02  Wed Dec  3 2025\n"
                          "GCC version:  gcc version 15.2.1 20250808 (Red Hat 15.2.1-1) (GCC)",

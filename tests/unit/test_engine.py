@@ -9,7 +9,7 @@ from invoke import Result
 from provision import config
 from provision.engine import CHANGED, FAILED, OK, PLANNED, SKIPPED, Change, Check, Runner, StepError
 from provision.host import Host
-from provision.testing import FEDORA42_OS, mock_context
+from testbed.testing import FEDORA42_OS, mock_context
 
 
 def make_step(name, *, satisfied_before, satisfied_after=True, apply_cmd="true", attention=(), raises=None):

@@ -8,7 +8,7 @@ from provision import config, facts
 from provision.facts import UNKNOWN
 from provision.host import Host
 from provision.steps import STEPS
-from provision.testing import FEDORA42_OS, facts_stdout, mock_context
+from testbed.testing import FEDORA42_OS, facts_stdout, mock_context
 
 CASES = [
     ("os", FEDORA42_OS, 0, {"id": "fedora", "version": "42", "pretty": "Fedora Linux 42 (Workstation Edition)"}),

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from provision import fetch, hfserver
-from provision.testmodels import write_tiny
+from provision import fetch
+from testbed import hfserver
+from testbed.testmodels import write_tiny
 
 REPO = "AtomicChat/tiny-assistant-GGUF"
 NAME = "tiny-assistant.Q4_K_M.gguf"

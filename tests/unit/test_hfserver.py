@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from provision import hfserver
+from testbed import hfserver
 
 REPO = "org/model-GGUF"
 NAME = "m.gguf"

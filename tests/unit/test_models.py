@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from invoke import Context
 
-from provision import config, hfserver, lockfile
+from provision import config, lockfile
+from testbed import hfserver
 from provision.engine import CHANGED, FAILED, OK, Runner
 from provision.host import Host
 from provision.steps import models
-from provision.testmodels import write_tiny
+from testbed.testmodels import write_tiny
 
 C1, C2 = "1" * 40, "2" * 40
 S1, S2 = "a" * 64, "b" * 64

@@ -5,7 +5,7 @@ import gguf
 import numpy as np
 import pytest
 
-from provision.testmodels import BYTE, CONTROL, NORMAL, read_arch, vocab, write_tiny
+from testbed.testmodels import BYTE, CONTROL, NORMAL, read_arch, vocab, write_tiny
 
 
 def fields(path):

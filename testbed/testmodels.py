@@ -2,7 +2,7 @@
 
 A real llama-server loads them and answers HTTP with random-weight text:
 
-    from provision.testmodels import write_tiny
+    from testbed.testmodels import write_tiny
     write_tiny("/tmp/m.gguf")                                   # llama, 2 layers, dense
     write_tiny("/tmp/moe.gguf", arch="llama", n_experts=4)      # llama MoE: --n-cpu-moe has experts to move
     write_tiny("/tmp/q.gguf", arch="qwen3moe")                  # qwen3moe (always MoE, 4 experts by default)
@@ -17,7 +17,7 @@ while the word pieces' are random, so greedy replies are printable word pieces.
 reads GGUF headers (the models/serve checks), not for loading.
 
 `n_embd`/`n_head` set the attention head size (n_embd / n_head, default 32: quantized KV caches such as
-q8_0 need a multiple of 32). Run as a script: python -m provision.testmodels OUT.gguf [--arch ...].
+q8_0 need a multiple of 32). Run as a script: python -m testbed.testmodels OUT.gguf [--arch ...].
 """
 
 from __future__ import annotations

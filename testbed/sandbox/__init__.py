@@ -34,7 +34,7 @@ Network: namespace `gpubox`, host side 10.200.0.1/24, target 10.200.0.2/24 (ssh 
 key only). The Hugging Face server listens on the host side (10.200.0.1), reachable from both.
 
 Use: `invoke sandbox.up | sandbox.status | sandbox.reset | sandbox.down`, `invoke demo`;
-from Python `provision.sandbox.up()` -> `Info`.
+from Python `testbed.sandbox.up()` -> `Info`.
 """
 
 from .paths import ADDRESS, HOST_ADDRESS, NETNS, PERSIST_MOUNT, REPO_MOUNT, GIT_MOUNT, Paths  # noqa: F401

@@ -5,11 +5,11 @@
   2. creates network namespace `gpubox` with a veth pair (host gpubox0 10.200.0.1/24, target eth0
      10.200.0.2/24);
   3. starts `ip netns exec gpubox unshare --pid --fork --kill-child --mount --uts bash init.sh`: the
-     init script (templates/sandbox/etc/init.sh.j2), PID 1 of its own PID namespace, mounts
+     init script (testbed/templates/etc/init.sh.j2), PID 1 of its own PID namespace, mounts
      overlay(lower = pristine:base, upper = instance/upper), /proc, /dev, the repos, the git mirror and
      the persistent cache, sets hostname `gpubox` and runs the chroot's sshd. All of it lives in
      namespaces that die with that one process tree;
-  4. starts `python -m provision.hfserver` on 10.200.0.1 (reachable from the target and the host);
+  4. starts `python -m testbed.hfserver` on 10.200.0.1 (reachable from the target and the host);
   5. writes the ssh config, the config overrides (invoke.yaml) and state.json (PIDs).
 Running it again while up only checks that everything answers.
 
@@ -42,7 +42,7 @@ from .paths import (ADDRESS, GIT_MOUNT, HF_PORT, HOST_ADDRESS, HOST_IF, NETNS, P
 
 CUDA_REPO_BASEURL = f"file://{REPO_MOUNT}/cuda"
 # The Hugging Face repositories the sandbox serves: the configured models' names, tiny GGUFs written
-# by provision.testmodels (owned by the serve work). The MoE main model gives --n-cpu-moe experts to move.
+# by testbed.testmodels (owned by the serve work). The MoE main model gives --n-cpu-moe experts to move.
 HF_MODELS = {
     "model": {"repo": "unsloth/gemma-4-26B-A4B-it-GGUF", "filename": "gemma-4-26B-A4B-it-Q4_K_M.gguf",
               "kwargs": {"arch": "llama", "n_experts": 4, "seed": 1}},
@@ -154,9 +154,9 @@ def ensure_hf_content(p: Paths, log=_log_default) -> None:
     if stamp.exists() and stamp.read_text() == want:
         return
     try:
-        from provision.testmodels import write_tiny
+        from testbed.testmodels import write_tiny
     except ImportError as e:
-        raise SandboxError(f"provision.testmodels is missing ({e}); the sandbox's HF server has nothing to serve") from e
+        raise SandboxError(f"testbed.testmodels is missing ({e}); the sandbox's HF server has nothing to serve") from e
     for m in HF_MODELS.values():
         path = p.hf / m["repo"] / m["filename"]
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -260,10 +260,10 @@ def _start_target(p: Paths) -> int:
 
 
 def _start_hf(p: Paths) -> int | None:
-    if not (REPO_ROOT / "provision" / "hfserver.py").exists():
+    if not (REPO_ROOT / "testbed" / "hfserver.py").exists():
         return None
     logf = open(p.logs / "hfserver.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "provision.hfserver", "--root", str(p.hf), "--host", HOST_ADDRESS,
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.hfserver", "--root", str(p.hf), "--host", HOST_ADDRESS,
                              "--port", str(HF_PORT), "--log", str(p.logs / "hf-requests.jsonl")],
                             cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                             start_new_session=True)

@@ -1,7 +1,7 @@
 """The sandbox's fixture RPM repositories and the real downloads they carry.
 
-Packages are described in templates/sandbox/packages.yaml.j2 and built one spec each from
-templates/sandbox/rpm/package.spec.j2 with the host's rpmbuild, then indexed with createrepo_c into
+Packages are described in testbed/templates/packages.yaml.j2 and built one spec each from
+testbed/templates/rpm/package.spec.j2 with the host's rpmbuild, then indexed with createrepo_c into
 ``<cache>/sandbox/repos/{fedora,rpmfusion,updates,cuda}``. `cuda-crt-12-9` ships the REAL CUDA 12.9.86
 `crt/math_functions.h` and `.hpp` from the PyPI wheel nvidia-cuda-nvcc-cu12==12.9.86 (`pip download`).
 """

@@ -1,6 +1,6 @@
 """A local HTTP server speaking the part of Hugging Face's protocol that downloads use.
 
-    python3 -m provision.hfserver --root DIR [--host H] [--port P] [--rate BYTES_PER_S]
+    python3 -m testbed.hfserver --root DIR [--host H] [--port P] [--rate BYTES_PER_S]
         [--corrupt ORG/NAME/FILE@OFFSET]... [--token T] [--log FILE]
 
 DIR/<org>/<name>/<file> is served under /{org}/{name}/resolve/{revision}/{file} for the revision
@@ -402,7 +402,7 @@ def start(root: str, host: str = "127.0.0.1", port: int = 0, **kw) -> tuple[HFSe
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python3 -m provision.hfserver", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python3 -m testbed.hfserver", description=__doc__.split("\n")[0])
     ap.add_argument("--root", required=True, help="directory holding <org>/<name>/<file>")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0, help="0 = any free port (printed)")

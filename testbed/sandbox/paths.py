@@ -19,7 +19,7 @@ PERSIST_MOUNT = "/var/cache/gpubox-persist"
 REPOS = ("fedora", "rpmfusion", "updates", "cuda")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-TEMPLATES = REPO_ROOT / "templates" / "sandbox"
+TEMPLATES = REPO_ROOT / "testbed" / "templates"
 
 
 def cache_root() -> Path:
