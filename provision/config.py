@@ -19,8 +19,9 @@ from typing import Any, Iterable
 
 import yaml
 
+from . import resources
+
 DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 STEP_NAMES = ("driver", "cuda", "compiler", "patch", "build", "models")
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1", "turbo2", "turbo3", "turbo4")
@@ -208,8 +209,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     if hdr is not None and (not isinstance(hdr, str) or hdr.startswith("/") or ".." in hdr.split("/")):
         bad("patch.header", hdr, "must be a path relative to cuda.prefix, without '..'")
     rules = get("patch.rules")
-    if rules is not None and not (REPO_ROOT / "patches" / str(rules)).is_file():
-        bad("patch.rules", rules, f"must name a file in {REPO_ROOT / 'patches'}")
+    if rules is not None and not (resources.PATCHES / str(rules)).is_file():
+        bad("patch.rules", rules, f"must name a file in {resources.PATCHES}")
 
     # build
     url = get("build.repo_url")

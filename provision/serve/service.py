@@ -25,11 +25,12 @@ from typing import Any
 
 import jinja2
 
+from .. import resources
 from ..facts import qpath
 from ..host import cmd, expand_home, sh
 from .logparse import START_MARKER
 
-TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates"
+TEMPLATES = resources.TEMPLATES
 UNIT_NAME = "gpubox-llama-server.service"
 UNIT_PATH = f"/etc/systemd/system/{UNIT_NAME}"
 

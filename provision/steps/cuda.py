@@ -16,11 +16,10 @@ Wanted state:
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 
 import jinja2
 
-from .. import dnf
+from .. import dnf, resources
 from ..engine import Change, Check, require_fedora
 from ..facts import UNKNOWN, Fact
 from ..host import cmd
@@ -28,7 +27,7 @@ from ..host import cmd
 NAME = "cuda"
 TITLE = "CUDA 12.9 toolkit without NVIDIA's driver"
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+TEMPLATES = resources.TEMPLATES
 REPO_DIR = "/etc/yum.repos.d"
 # Installed names that mean NVIDIA's driver came in (from the CUDA repo's metapackages).
 FORBIDDEN_EXACT = ("cuda", "cuda-drivers")

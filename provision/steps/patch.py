@@ -38,7 +38,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from .. import config as _config
+from .. import resources
 from ..engine import Change, Check, StepError
 from ..facts import UNKNOWN, Fact
 from ..host import sh
@@ -46,7 +46,7 @@ from ..host import sh
 NAME = "patch"
 TITLE = "CUDA math_functions.h patch for glibc >= 2.41"
 BACKUP_SUFFIX = ".gpubox-orig"
-PATCHES_DIR = _config.REPO_ROOT / "patches"
+PATCHES_DIR = resources.PATCHES
 
 UNPATCHED, GPUBOX, RECIPE, SPLIT = "unpatched", "gpubox", "recipe", "split"
 SATISFIED_KINDS = ("patched-gpubox", "patched-recipe", "patched-mixed")
