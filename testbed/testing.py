@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 from typing import Any
 
 from invoke import MockContext, Result
@@ -33,3 +35,16 @@ def mock_context(fact_blocks: dict[str, Any], responses: dict[str, Any] | None =
     for k, v in (responses or {}).items():
         run[k] = v
     return MockContext(run=run)
+
+
+def tracked_copy(repo: Path, dst: Path) -> Path:
+    """The clone's files that git tracks (plus untracked, not ignored ones), copied to dst: building a wheel
+    from the copy cannot dirty the clone, and setuptools' build/ of an earlier run cannot leak in."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
+                           capture_output=True, check=True).stdout.split(b"\0")
+    for f in filter(None, files):
+        src = repo / f.decode()
+        if src.is_file():
+            (dst / f.decode()).parent.mkdir(parents=True, exist_ok=True)
+            (dst / f.decode()).write_bytes(src.read_bytes())
+    return dst

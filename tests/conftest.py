@@ -33,7 +33,7 @@ def llama_bin() -> Path:
         return Path(own)
     from invoke import Config, Context
 
-    import tasks
+    from provision import runs, tasks
     from testbed.sandbox import gitmirror
     from testbed.sandbox.paths import Paths, cache_root
 
@@ -44,7 +44,7 @@ def llama_bin() -> Path:
     root = cache_root() / "llama-host"
     cfg = Config(overrides={"run": {"in_stream": False}})
     cfg.load_collection(tasks.ns.configuration())
-    tasks.run_steps(Context(cfg), ["build"], sets=[
+    runs.run_steps(Context(cfg), ["build"], sets=[
         "build.cuda=false", f"build.repo_url={mirror}", f"build.sha={sha}", "build.profile=current",
         f"build.src_dir={root}/src", f"build.build_dir={root}/build", f"build.ccache_dir={root}/ccache",
         f"build.targets={BUILD_TARGETS}", f"report_dir={root}/reports"])

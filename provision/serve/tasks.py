@@ -15,7 +15,7 @@ from pathlib import Path
 
 from invoke import Collection, Exit, task
 
-from .. import config
+from ..runs import settings
 from .. import facts as factmod
 from ..engine import Runner, StepError
 from ..host import Host
@@ -23,13 +23,6 @@ from . import doctor as doctormod
 from . import logparse, service, smoke, step
 
 SET_HELP = {"set": "override a setting, KEY=VALUE (repeatable), e.g. --set serve.ctx_size=65536"}
-
-
-def _cfg(c, sets) -> dict:
-    try:
-        return config.load(c, sets or ())
-    except config.ConfigError as e:
-        raise Exit(str(e), code=config.EXIT_CONFIG)
 
 
 def _facts(host: Host, cfg: dict) -> dict:
@@ -71,7 +64,7 @@ def prove(host: Host, cfg: dict, facts: dict, echo=print) -> dict:
       help=dict(SET_HELP, plan="check only: print what would change", no_prove="skip the smoke request"))
 def serve_(c, set=None, plan=False, no_prove=False):
     """Render the llama-server command for the built dialect, install the service, start it, prove it."""
-    cfg = _cfg(c, set)
+    cfg = settings(c, set)
     host = Host(c)
     report = Runner(host, cfg, [step], plan=plan).run()
     print(report.table())
@@ -91,7 +84,7 @@ def serve_(c, set=None, plan=False, no_prove=False):
 @task(iterable=["set"], help=SET_HELP)
 def start(c, set=None):
     """Start llama-server with the installed launch files (run `invoke serve` to install or change them)."""
-    cfg = _cfg(c, set)
+    cfg = settings(c, set)
     host = Host(c)
     facts = _facts(host, cfg)
     if facts["serve"].get("pid"):
@@ -106,7 +99,7 @@ def start(c, set=None):
 @task(iterable=["set"], help=SET_HELP)
 def stop(c, set=None):
     """Stop llama-server (the unit, or the supervisor and its server)."""
-    cfg = _cfg(c, set)
+    cfg = settings(c, set)
     host = Host(c)
     facts = _facts(host, cfg)
     print("stopped" if service.stop(host, cfg, facts) else "llama-server was not running")
@@ -115,7 +108,7 @@ def stop(c, set=None):
 @task(iterable=["set"], help=SET_HELP)
 def status(c, set=None):
     """Is it running, with which command, in which mode; /health and /v1/models."""
-    cfg = _cfg(c, set)
+    cfg = settings(c, set)
     host = Host(c)
     facts = _facts(host, cfg)
     sf = facts["serve"]
@@ -140,7 +133,7 @@ def status(c, set=None):
 @task(iterable=["set"], help=dict(SET_HELP, lines="how many lines", all="the whole file, not only the last start"))
 def logs(c, set=None, lines=60, all=False):
     """The server log (the part written since the last start)."""
-    cfg = _cfg(c, set)
+    cfg = settings(c, set)
     host = Host(c)
     facts = _facts(host, cfg)
     text = service.read_log(host, cfg, facts, last=not all)
@@ -151,7 +144,7 @@ def logs(c, set=None, lines=60, all=False):
                                    dialect="pre-sync/post-sync/upstream for a --log file"))
 def doctor(c, set=None, log=None, dialect=None):
     """Findings from the latest llama-server log: embedding on CPU, OOM, mlock, GPU visibility."""
-    cfg = _cfg(c, set)
+    cfg = settings(c, set)
     host = Host(c)
     facts = _facts(host, cfg)
     if log:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from invoke import Exit, task
 
-from .. import config
+from ..runs import settings
 from ..host import Host, expand_home, sh
 from . import report
 from .runner import Inputs, NoGPU, TuneError, tune as run_tune
@@ -59,10 +59,7 @@ def _home(host: Host, user: str) -> str:
 @task(help=HELP, iterable=["set"])
 def tune(c, set=None, force=False, max_ctx=False, no_plot=False):
     """Find the expert placement (--n-cpu-moe) with the most experts on the GPU that runs your configuration."""
-    try:
-        cfg = config.load(c, set or ())
-    except config.ConfigError as e:
-        raise Exit(str(e), code=config.EXIT_CONFIG)
+    cfg = settings(c, set)
     host = Host(c)
     inp = inputs_from_cfg(cfg, _home(host, cfg.get("user") or ""))
     try:

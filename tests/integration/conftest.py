@@ -6,7 +6,7 @@
   session start, and brings it down at the end only if it was not up before the session.
 - `conn`: a Fabric Connection to gpubox (Config(runtime_ssh_path=<ssh config>), in_stream off for
   pytest's captured stdin) with the sandbox's gpubox overrides merged into its config, so
-  `tasks.run_steps(conn, [...])` runs the real steps against it.
+  `provision.runs.run_steps(conn, [...])` runs the real steps against it.
 - `testinfra_host`: testinfra.get_host("ssh://gpubox", ssh_config=...).
 - `reset_sandbox`: call it to go back to pristine (drops the target's writable layer; the persistent
   cache at /var/cache/gpubox-persist, where ccache lives, stays).

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from invoke import Exit
 
-import tasks
+from provision import runs
 from provision import config, fetch
 from testbed.sandbox.paths import HOST_ADDRESS
 from testbed.testmodels import write_tiny
@@ -103,7 +103,7 @@ def on_target(conn, command: str) -> str:
 
 def test_fresh_download_then_present_without_transfer(conn, hub, dirs, content):
     h = hub()
-    rep = tasks.run_steps(conn, ["models"], sets=sets(dirs))
+    rep = runs.run_steps(conn, ["models"], sets=sets(dirs))
     assert rep.steps[0].status == "changed"
     lock = json.loads(on_target(conn, f"cat {dirs['state_dir']}/gpubox.lock.json"))
     for key in ("model", "assistant"):
@@ -114,7 +114,7 @@ def test_fresh_download_then_present_without_transfer(conn, hub, dirs, content):
         assert got == hashlib.sha256((content / f["repo"] / f["filename"]).read_bytes()).hexdigest()
     assert on_target(conn, f"ls -A {dirs['models.dir']}").split() == sorted(f["filename"] for f in FILES.values())
     n = len(h.requests())
-    rep2 = tasks.run_steps(conn, ["models"], sets=sets(dirs))
+    rep2 = runs.run_steps(conn, ["models"], sets=sets(dirs))
     assert rep2.steps[0].status == "ok" and rep2.changed == 0
     assert len(h.requests()) == n                     # not even a HEAD
     assert rep2.steps[0].seconds <= 1.0
@@ -126,7 +126,7 @@ def test_ssh_session_killed_mid_transfer_then_resumed(conn, hub, dirs, sandbox):
     partial = f"{dirs['models.dir']}/.{model}{fetch.PARTIAL_SUFFIX}"
     code = ("import sys, tasks; sys.path.insert(0, 'tests/integration'); from conftest import make_connection; "
             "from testbed.sandbox import runtime; c = make_connection(runtime.info()); "
-            f"tasks.run_steps(c, ['models'], sets={sets(dirs)!r})")
+            f"runs.run_steps(c, ['models'], sets={sets(dirs)!r})")
     p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, HF_ENDPOINT=h.url),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     have = 0
@@ -151,7 +151,7 @@ def test_ssh_session_killed_mid_transfer_then_resumed(conn, hub, dirs, sandbox):
     assert 0 < have, "nothing was downloaded before the kill"
     assert on_target(conn, f"test -e {dirs['models.dir']}/{model} && echo yes").strip() == ""
     first = sum(r["sent"] for r in h.gets() if model in r["path"])
-    rep = tasks.run_steps(conn, ["models"], sets=sets(dirs))
+    rep = runs.run_steps(conn, ["models"], sets=sets(dirs))
     assert rep.steps[0].status == "changed"
     resumed = [r for r in h.gets() if model in r["path"]][-1]
     assert resumed["range"] == f"bytes={have}-"
@@ -164,7 +164,7 @@ def test_corrupted_byte_is_rejected(conn, hub, dirs):
     f = FILES["model"]
     hub("--corrupt", f"{f['repo']}/{f['filename']}@5000")
     with pytest.raises(Exit):
-        tasks.run_steps(conn, ["models"], sets=sets(dirs))
+        runs.run_steps(conn, ["models"], sets=sets(dirs))
     err = latest_report(conn)["steps"][0]["error"]
     assert "sha256 of the downloaded bytes is" in err and "NOT moved into place" in err
     assert on_target(conn, f"ls -A {dirs['models.dir']}").split().count(f["filename"]) == 0
@@ -173,7 +173,7 @@ def test_corrupted_byte_is_rejected(conn, hub, dirs):
 def test_wrong_pinned_hash_is_rejected(conn, hub, dirs):
     hub()
     with pytest.raises(Exit):
-        tasks.run_steps(conn, ["models"], sets=sets(dirs, "models.files.model.sha256=" + "0" * 64))
+        runs.run_steps(conn, ["models"], sets=sets(dirs, "models.files.model.sha256=" + "0" * 64))
     err = latest_report(conn)["steps"][0]["error"]
     assert "0" * 64 in err and "differs from the sha256 the Hub reports" in err
 
@@ -181,7 +181,7 @@ def test_wrong_pinned_hash_is_rejected(conn, hub, dirs):
 def test_disk_preflight_refuses_before_any_byte(conn, hub, dirs):
     h = hub()
     with pytest.raises(Exit):
-        tasks.run_steps(conn, ["models"], sets=sets(dirs, "models.reserve_gb=1000000"))
+        runs.run_steps(conn, ["models"], sets=sets(dirs, "models.reserve_gb=1000000"))
     err = latest_report(conn)["steps"][0]["error"]
     assert "not enough free disk" in err and "models.reserve_gb" in err
     assert h.gets() == []
@@ -191,6 +191,6 @@ def test_assistant_architecture_mismatch_names_the_fix(conn, hub, dirs):
     hub()
     # the sandbox's assistant is `llama`; the `current` profile loads gemma4-assistant
     with pytest.raises(Exit):
-        tasks.run_steps(conn, ["models"], sets=sets(dirs, "build.profile=current"))
+        runs.run_steps(conn, ["models"], sets=sets(dirs, "build.profile=current"))
     err = latest_report(conn)["steps"][0]["error"]
     assert "'llama'" in err and "'gemma4-assistant'" in err and "models.files.assistant.revision" in err

@@ -8,7 +8,7 @@ from invoke import Exit, MockContext, Config
 
 from provision import config
 
-import tasks
+from provision import tasks
 
 
 def cfg():

@@ -1,0 +1,103 @@
+"""The bodies behind the tasks: settings, running steps, the verify suite, the report, undo.
+
+provision/tasks.py declares the tasks (one screen); these functions do the work, so the same code
+serves `invoke`/`fab` from a clone and the installed `gpubox` command (provision/cli.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from invoke import Exit
+
+from . import config, resources
+from .engine import Runner
+from .host import Host
+from .steps import BY_NAME, STEPS
+
+
+def settings(c, sets=()) -> dict:
+    """Validated config or exit status 2 with the problems listed; nothing has run on the host."""
+    try:
+        return config.load(c, sets or ())
+    except config.ConfigError as e:
+        raise Exit(str(e), code=config.EXIT_CONFIG)
+
+
+def run_steps(c, names, *, plan=False, only=None, skip=None, sets=()):
+    """Run (or with plan=True only check) the named steps in order; print the report table."""
+    cfg = settings(c, sets)
+    try:
+        chosen = config.select_steps(only, skip)
+    except config.ConfigError as e:
+        raise Exit(str(e), code=config.EXIT_CONFIG)
+    steps = [BY_NAME[n] for n in names]
+    skipped = [n for n in names if n not in chosen]
+    report = Runner(Host(c), cfg, steps, plan=plan).run(skipped=skipped)
+    print(report.table())
+    if report.failed:
+        raise Exit(code=1)
+    return report
+
+
+def build_needs(cfg: dict) -> list[str]:
+    """Step 5 and the steps it depends on: cuda, compiler and patch unless the toolchain comes from config."""
+    b = cfg["build"]
+    if b["cuda"] and not (b["nvcc"] and b["host_compiler"]):
+        return ["cuda", "compiler", "patch", "build"]
+    return ["build"]
+
+
+def undo(c, step: str, sets=()) -> None:
+    cfg = settings(c, sets)
+    mod = BY_NAME.get(step)
+    if mod is None or not hasattr(mod, "undo"):
+        have = ", ".join(m.NAME for m in STEPS if hasattr(m, "undo"))
+        raise Exit(f"undo: step {step!r} has no undo (steps with one: {have}); package steps are undone with dnf",
+                   code=config.EXIT_CONFIG)
+    host = Host(c)
+    from . import facts as factmod
+    done = mod.undo(host, factmod.gather(host, cfg, [mod]), cfg) or []
+    print(f"undo {step}: " + ("; ".join(done) if done else "nothing to undo"))
+
+
+def verify(c, sets=(), deep=False) -> None:
+    """pytest with the testinfra suite (resources.VERIFY) against the host the context points at."""
+    cfg = settings(c, sets)
+    host = getattr(c, "host", None)
+    cfgfile = Path(os.path.expanduser(cfg["report_dir"])) / "verify-config.json"
+    cfgfile.parent.mkdir(parents=True, exist_ok=True)
+    cfgfile.write_text(json.dumps(cfg))
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(resources.VERIFY)]
+    if host:
+        user = getattr(c, "user", None)
+        argv += [f"--hosts=ssh://{user + '@' if user else ''}{host}"]
+        ssh_cfg = c.config.get("runtime_ssh_path") or c.config.get("ssh_config_path")
+        if ssh_cfg:
+            argv += [f"--ssh-config={ssh_cfg}"]
+    else:
+        argv += ["--hosts=local://"]
+    env = dict(os.environ, GPUBOX_CONFIG=str(cfgfile), GPUBOX_VERIFY_DEEP="1" if deep else "0")
+    print("verify:", " ".join(argv[2:]))
+    rc = subprocess.call(argv, env=env, cwd=str(resources.VERIFY))
+    if rc != 0:
+        raise Exit(f"verify: testinfra reported failures (pytest exit {rc})", code=1)
+
+
+def show_report(c, sets=()) -> None:
+    cfg = settings(c, sets)
+    host = getattr(c, "host", None) or "localhost"
+    path = Path(os.path.expanduser(cfg["report_dir"])) / f"{host}-latest.json"
+    if not path.exists():
+        raise Exit(f"report: no run recorded for {host} yet ({path}); run `plan` or `provision` first", code=1)
+    data = json.loads(path.read_text())
+    print(f"gpubox {data['mode']} on {data['host']} at {data['started']} ({data['seconds']:.2f}s)")
+    for s in data["steps"]:
+        print(f"  {s['name']:<9} {s['status']:<12} {s['seconds']:6.2f}s  " + "; ".join(c['what'] for c in s["changes"]))
+        for a in s["attention"]:
+            print(f"            ! {a}")
+    print(f"report: {path}")

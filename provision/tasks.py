@@ -1,0 +1,83 @@
+"""gpubox's tasks: `gpubox provision` (installed), `invoke provision` / `fab -H HOST provision` (a clone).
+
+The six steps, in order (provision/steps/__init__.py declares the order; each module holds its facts,
+check, apply and verify helpers; tests/ uses the same names):
+
+    1. driver    provision/steps/driver.py    NVIDIA 580xx branch (RPM Fusion), locked; akmods, reboot state
+    2. cuda      provision/steps/cuda.py      CUDA 12.9 from NVIDIA's repo, without NVIDIA's driver
+    3. compiler  provision/steps/compiler.py  gcc-14 + private gcc/g++ shims (CUDA 12.9 rejects gcc 15)
+    4. patch     provision/steps/patch.py     crt/math_functions.h vs glibc >= 2.41, idempotent, backed up
+    5. build     provision/steps/build.py     the llama.cpp fork at a pinned commit, native CUDA archs
+    6. models    provision/steps/models.py    the model GGUF and its MTP assistant head, verified
+
+Every task body takes `c`: an Invoke Context locally, a Fabric Connection under `-H HOST`.
+"""
+
+from __future__ import annotations
+
+from invoke import Collection, task
+
+from . import config, runs
+from .serve import tasks as serve_tasks
+from .steps import STEPS
+from .tune import tasks as tune_tasks
+
+HELP = {
+    "only": "comma-separated steps to run (" + ",".join(m.NAME for m in STEPS) + ")",
+    "skip": "comma-separated steps to skip",
+    "set": "override a setting, KEY=VALUE (repeatable), e.g. --set build.jobs=8",
+}
+ALL = [m.NAME for m in STEPS]
+
+
+@task(help=HELP, iterable=["set"])
+def plan(c, only=None, skip=None, set=None):
+    """Check every step and print what each would change, and why. Changes nothing."""
+    runs.run_steps(c, ALL, plan=True, only=only, skip=skip, sets=set)
+
+
+@task(help=HELP, iterable=["set"])
+def provision(c, only=None, skip=None, set=None):
+    """Run all six steps in order: check, apply what differs, check again."""
+    runs.run_steps(c, ALL, only=only, skip=skip, sets=set)
+
+
+def step_task(i: int, step):
+    """`invoke <step>`: one step alone (build: with the steps it depends on)."""
+    @task(name=step.NAME, help={"set": HELP["set"], "plan": "check only"}, iterable=["set"])
+    def one(c, plan=False, set=None):
+        names = runs.build_needs(runs.settings(c, set)) if step.NAME == "build" else [step.NAME]
+        runs.run_steps(c, names, plan=plan, sets=set)
+    one.__doc__ = one.body.__doc__ = f"Step {i}: {step.TITLE}." + (
+        " With the steps it needs (cuda, compiler, patch unless the toolchain comes from config)."
+        if step.NAME == "build" else "")
+    return one
+
+
+STEP_TASKS = [step_task(i, m) for i, m in enumerate(STEPS, 1)]
+
+
+@task(help={"step": "the step to undo: patch (restore the header backup) or compiler (remove the shims)",
+            "set": HELP["set"]}, iterable=["set"])
+def undo(c, step, set=None):
+    """Undo a step that has an undo: patch (original header back) or compiler (shims removed)."""
+    runs.undo(c, step, set)
+
+
+@task(help={"set": HELP["set"], "deep": "re-hash model files instead of trusting the lock"}, iterable=["set"])
+def verify(c, set=None, deep=False):
+    """Run the testinfra suite against the same host."""
+    runs.verify(c, set, deep)
+
+
+@task(help={"set": HELP["set"]}, iterable=["set"])
+def report(c, set=None):
+    """Print the latest run report for this host."""
+    runs.show_report(c, set)
+
+
+ns = Collection(plan, provision, *STEP_TASKS, verify, report, undo)
+ns.add_collection(serve_tasks.ns)   # serve, serve.start|stop|status|logs
+ns.add_task(serve_tasks.doctor)       # doctor
+ns.add_task(tune_tasks.tune)          # tune
+ns.configure(config.defaults())
