@@ -3,7 +3,7 @@
 
 Shaped like a 30B-A3B by default (48 layers, n_embd 2048, 128 experts / 8 used, expert FFN 768, 32 query /
 4 KV heads of dim 128, vocabulary 151,936), experts and attention Q4_K, norms F32: about 17.3 GB (16.1 GiB),
-579 tensors, as in ../shared/reference/tuning.md. Weight values do not change speed or memory, so:
+579 tensors, as in docs/tuning.md. Weight values do not change speed or memory, so:
 
 - experts, attention and the dense FFN are all-zero Q4_K blocks (a zero f16 scale is a valid block); they
   are left as holes in a sparse file, so writing takes seconds and reading them costs no disk;

@@ -17,7 +17,7 @@ What it does for each file of the spec:
   sidecar `.<file>.gpubox-partial.json` naming the repo, commit, size and expected sha256.
   WHY our own partial file: huggingface_hub >= 1.18 (2.4.0 included) opens its temporary file with
   "wb" and restarts a killed download from byte 0, leaving the old `.incomplete` behind
-  (../shared/reference/downloads.md). We keep the partial ourselves and continue it with the
+  (docs/downloads.md). We keep the partial ourselves and continue it with the
   library's `http_get(..., resume_size=N)`, which sends `Range: bytes=N-` (and itself retries
   dropped connections within one run). A partial whose sidecar names another commit/size/hash is
   discarded, so nothing stray or mixed survives.

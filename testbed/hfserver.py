@@ -5,7 +5,7 @@
 
 DIR/<org>/<name>/<file> is served under /{org}/{name}/resolve/{revision}/{file} for the revision
 ``main`` and for the repository's commit (40 hex digits), with the headers huggingface_hub reads
-(see ../shared/reference/downloads.md): X-Repo-Commit, ETag, X-Linked-Etag (the file's sha256, as
+(see docs/downloads.md): X-Repo-Commit, ETag, X-Linked-Etag (the file's sha256, as
 the Hub reports for LFS files), X-Linked-Size, Content-Length, Accept-Ranges; ``Range: bytes=N-``
 (and N-M, -N) is answered with 206 and Content-Range; a missing file is 404 with
 ``X-Error-Code: EntryNotFound``, an unknown revision 404 with ``X-Error-Code: RevisionNotFound``, an

@@ -3,7 +3,7 @@
     findings = diagnose(logparse.parse(text), serve=cfg["serve"], dialect="pre-sync", facts=facts)
 
 Each finding: severity (error / warning / info), code, title, detail, fix, evidence (log lines).
-Rules (../shared/reference/fork-cli.md, tuning.md):
+Rules (docs/fork.md, docs/tuning.md):
   - draft-embedding-on-cpu: the assistant's load_tensors block has a host model buffer (CPU, CPU_Mapped or, with
     mmap off, CUDA_Host) while the log shows a GPU:
     its token embedding / tied LM head stays in system RAM and every draft step streams it over PCIe.

@@ -1,6 +1,6 @@
 """Parse a llama-server log (stderr, or --log-file) into what doctor and the serve step need.
 
-Line formats are the ones in ../shared/reference/fork-cli.md and llama.cpp's sources. Lines may carry the
+Line formats are the ones in docs/fork.md and llama.cpp's sources. Lines may carry the
 newer time/level prefix (`0.00.291.952 I `, `1.02.003.004 W `) or none (the pre-sync build); ANSI colour
 codes are stripped. The log is split per model at each
 

@@ -3,7 +3,7 @@
 Settings are stated once, in gpubox's terms (cfg["serve"]: n_cpu_moe, draft_block_size, cache_type_k ...).
 Each setting has the spellings it may take, recipe spelling first; the renderer picks the first one the
 binary's `--help` accepts (provision.serve.helptext). Where the dialects differ in meaning, not only in
-spelling, the translation is explicit (fork-cli.md):
+spelling, the translation is explicit (docs/fork.md):
 
     pre-sync  (recipe, b0e900a28)  --draft-block-size B   --draft-max M        --draft-min N      --spec-type mtp
     post-sync (b10018-1.2.0)       --spec-draft-n-max B-1  (no equivalent)     --spec-draft-n-min N --spec-type draft-mtp
@@ -73,7 +73,7 @@ SPELL = {
 VALUES = {"cache_type_k": "cache_type", "cache_type_v": "cache_type_v", "cache_type_k_draft": "cache_type_draft",
           "cache_type_v_draft": "cache_type_v_draft", "flash_attn": "flash_attn"}
 
-# The level at which load_tensors / KV / memory lines appear on each dialect (fork-cli.md): pre-sync
+# The level at which load_tensors / KV / memory lines appear on each dialect (docs/fork.md): pre-sync
 # prints them at its default (3), the newer ones only at trace level 4.
 AUTO_VERBOSITY = {"pre-sync": None, "post-sync": 4, "upstream": 4, "unknown": 4}
 

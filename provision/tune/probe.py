@@ -19,7 +19,7 @@ from . import search as S
 
 SCRIPT = (Path(__file__).with_name("probe.sh")).read_text()
 
-# Out-of-memory forms (fork-cli.md, tuning.md), most specific first.
+# Out-of-memory forms (docs/fork.md, docs/tuning.md), most specific first.
 KV_OOM = re.compile(r"failed to allocate buffer for kv cache|failed to allocate compute (pp |tg )?buffers?|"
                     r"ggml_gallocr_reserve_n: failed to allocate|failed to allocate \S+ compute buffer", re.I)
 LOAD_OOM = re.compile(r"cudaMalloc failed: out of memory|alloc_tensor_range: failed to allocate|"

@@ -11,7 +11,7 @@ and answers with one of:
 The driver (provision/tune/runner.py) fulfils the request and calls again with the new fact; the same
 inputs always give the same action, so the unit tests replay recorded outcomes as data.
 
-The model of memory (measured in ../shared/reference/tuning.md, on an H200 capped to 8 GiB):
+The model of memory (measured in docs/tuning.md, on an H200 capped to 8 GiB):
 
     peak(k) = estimate(k) + extra + overhead
 

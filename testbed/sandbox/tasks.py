@@ -86,7 +86,7 @@ sandbox_ns = Collection("sandbox", up, down, status, reset)
 
 def demo_env(inf: runtime.Info) -> dict:
     """The controller's environment for running gpubox against the sandbox: Fabric reads the overrides
-    as its project config file is not read (testbed.md), so they go in through -f (runtime config)."""
+    as its project config file is not read (docs/testbed.md), so they go in through -f (runtime config)."""
     env = dict(os.environ)
     if inf.hf_endpoint:
         env["HF_ENDPOINT"] = inf.hf_endpoint

@@ -6,7 +6,7 @@
   $GPUBOX_CACHE/trixie, holding a copy of this machine's CUDA 13.0 toolkit. `compile()` runs CUDA 13's
   nvcc INSIDE the chroot (outside it, nvcc cannot run the chroot's g++: "GLIBC_2.38 not found") on a
   fresh hard-linked copy of the toolkit whose crt/math_functions.h/.hpp are replaced by the headers
-  under test: the reproduction recorded in shared/reference/platform.md.
+  under test: the reproduction recorded in docs/platform.md.
 
 Each `unavailable()` returns the reason a test must skip, or "" when the thing can be had.
 """

@@ -1,7 +1,7 @@
 """Step 4 proven RIGHT, not just applied: nvcc compiles against glibc 2.41 with the patched header.
 
 CUDA 12.9's own nvcc is not on PyPI or apt, so this is the reproduction recorded in
-shared/reference/platform.md: CUDA 13.0's nvcc run inside a Debian trixie chroot (glibc 2.41,
+docs/platform.md: CUDA 13.0's nvcc run inside a Debian trixie chroot (glibc 2.41,
 g++-14), with its crt/math_functions.h/.hpp replaced by the real 12.9.86 ones (PyPI wheel
 nvidia-cuda-nvcc-cu12==12.9.86). The same translation unit: fails with the four "exception
 specification is incompatible" errors unpatched; compiles, links and runs with gpubox's patch and

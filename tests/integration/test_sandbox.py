@@ -126,7 +126,7 @@ def test_cuda_repo_is_not_configured_but_serves_the_129_set_with_the_real_header
         assert "release 12.9, V12.9.86" in ssh(sandbox, "/usr/local/cuda-12.9/bin/nvcc --version").stdout
         hdr = "/usr/local/cuda-12.9/targets/x86_64-linux/include/crt/math_functions.h"
         assert ssh(sandbox, f"stat -c %s {hdr}").stdout.strip() == "238284"
-        assert "cospi(double x)" in ssh(sandbox, f"sed -n 2601p {hdr}").stdout   # platform.md's line
+        assert "cospi(double x)" in ssh(sandbox, f"sed -n 2601p {hdr}").stdout   # docs/platform.md's line
         assert ssh(sandbox, "rpm -V cuda-crt-12-9").returncode == 0
         # `cuda` pulls NVIDIA's driver, which conflicts with RPM Fusion's.
         r = ssh(sandbox, f"dnf -y install {repo} cuda", check=False)

@@ -8,7 +8,7 @@ from provision.engine import StepError
 from provision.host import Host
 from testbed.testing import mock_context
 
-# What dnf5 (5.4, the sandbox's) and dnf4 print; texts as recorded in ../shared/reference/testbed.md and
+# What dnf5 (5.4, the sandbox's) and dnf4 print; texts as recorded in docs/testbed.md and
 # from runs in the sandbox.
 DNF5_CONFLICT = """\
 Updating and loading repositories:

@@ -1,4 +1,4 @@
-"""doctor: findings from parsed logs (GPU-style samples from fork-cli.md formats, and real CPU logs)."""
+"""doctor: findings from parsed logs (GPU-style samples from docs/fork.md's formats, and real CPU logs)."""
 
 from pathlib import Path
 

@@ -52,7 +52,7 @@ def test_cpu_only_output_has_no_gpu_estimate():
 
 
 def test_gpu_lines_in_the_printed_format():
-    # common_fit_print's format with tuning.md's numbers at --n-cpu-moe 29 (estimate 7306 MiB in total).
+    # common_fit_print's format with docs/tuning.md's numbers at --n-cpu-moe 29 (estimate 7306 MiB in total).
     text = "CUDA0 7012 54 240 \nHost 9680 0 12 \n"
     est = F.parse(text)
     assert F.device_total(est) == 7306 and F.device_total(est, "CUDA0") == 7306

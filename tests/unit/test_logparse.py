@@ -1,5 +1,5 @@
 """logparse on log text: REAL CPU logs (tests/data/logs/cpu-*.log, captured from the upstream CPU llama-server
-serving testbed.testmodels GGUFs) and GPU-style samples written strictly from fork-cli.md's line formats
+serving testbed.testmodels GGUFs) and GPU-style samples written strictly from docs/fork.md's line formats
 (tests/data/logs/gpu-style-*.log; see the README there: they are not program output)."""
 
 from pathlib import Path

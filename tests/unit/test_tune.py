@@ -2,16 +2,16 @@
 classification on real log texts and on a real CPU llama-server, the state file, the GGUF header reader,
 and `invoke tune` on this host, which has no GPU.
 
-The recorded data is ../shared/reference/tuning.md (one H200 capped to 8192 MiB free, synthetic 30B-A3B
+The recorded data is docs/tuning.md (one H200 capped to 8192 MiB free, synthetic 30B-A3B
 shape, 48 layers, 324 MiB of experts per layer, overhead constant 682 MiB):
 
     context 576, f16 KV:   0-24 OOM at load (exit 1); 28 loads, then CUDA OOM on the first batch (exit 134);
                            29 = floor, peak 7988; 30/31/32: 7664/7340/7016; 36/40/44/48: 5720/4424/3128/1832
     context 32k, f16 KV (3072 MiB):  floor 38;   context 32k, q8_0 KV (1632 MiB): floor 34, 33 aborted.
 
-The peaks fall by exactly 324 MiB per layer, so measured(k) = 7988 - 324 (k - 29), and tuning.md says the
+The peaks fall by exactly 324 MiB per layer, so measured(k) = 7988 - 324 (k - 29), and docs/tuning.md says the
 fit-params estimate was measured - 682 at every value tried: estimate(k) = 7306 - 324 (k - 29) at 576.
-tuning.md did not record 25-27 (its coarse sweep stepped by 4): the oracle below treats them as OOM at load,
+docs/tuning.md did not record 25-27 (its coarse sweep stepped by 4): the oracle below treats them as OOM at load,
 like 24. At 32k the KV grows from 54 MiB (576) to 3072 (f16) / 1632 (q8_0) MiB, the compute estimate is
 taken as unchanged; with that the "estimate + 682 <= free" rule reproduces both recorded floors.
 """
@@ -47,7 +47,7 @@ def estimate_32k(k: int, kv: str) -> int:
 
 
 class Oracle:
-    """A recorded machine: answers a probe with the outcome tuning.md recorded (or that its rule implies)."""
+    """A recorded machine: answers a probe with the outcome docs/tuning.md recorded (or that its rule implies)."""
 
     def __init__(self, est, *, recorded_fail: dict[int, str] | None = None, load_fail_form=S.OOM_LOAD,
                  peaks=True, free=FREE):
@@ -312,7 +312,7 @@ def test_table_prints_every_probe():
 
 
 # --- probe outcome classification on real texts ------------------------------------------------------------
-# The lines are the fork's own (../shared/reference/fork-cli.md, tuning.md).
+# The lines are the fork's own (docs/fork.md, docs/tuning.md).
 
 LOAD_OOM_LOG = """\
 0.00.812.113 E ggml_backend_cuda_buffer_type_alloc_buffer: allocating 7290.00 MiB on device 0: cudaMalloc failed: out of memory
