@@ -245,6 +245,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     want_int("build.jobs", 0, 1024)
     want_int("build.mem_per_job_gb", 1, 64)
     want_path("build.ccache_dir", empty_ok=True)
+    want_bool("build.ccache")
     ce = get("build.cmake_extra")
     if ce is not None and (not isinstance(ce, list) or not all(isinstance(x, str) and CMAKE_DEF_RE.match(x) for x in ce)):
         bad("build.cmake_extra", ce, "must be a list of NAME=VALUE strings")

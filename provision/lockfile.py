@@ -8,9 +8,13 @@
   update (models.update=true);
 * ``box``: the fork commit (wanted by the profile, and found in the source tree), the driver and
   CUDA versions and the compilers found, the OS, kernel and glibc: one file describes the box.
+* ``build``: what the build step produced: the commit, the build directory and the size and sha256 of
+  every file in its bin/ (symbolic links by target), as in the build stamp. `invoke verify` re-hashes
+  the installed files against it.
 
-Only the models step writes it (after a successful download/verification), with the host's atomic
-write. The JSON is stable (sorted keys) so a re-run that changes nothing writes nothing.
+The models step writes it (after a successful download/verification) keeping ``build``; the build
+step writes ``build`` only (`with_build`), keeping the rest. Both use the same atomic write. The JSON
+is stable (sorted keys) so a re-run that changes nothing writes nothing.
 
 >>> e = entry({"key": "model", "repo": "o/n", "filename": "f.gguf", "commit": "a" * 40, "sha256": "b" * 64,
 ...            "size": 3, "path": "/m/f.gguf", "mtime_ns": 5, "arch": "gemma4"}, revision="main")
@@ -102,6 +106,8 @@ def build(old: dict | None, facts: dict, cfg: dict, results: list[dict]) -> dict
 
     Entries for keys no longer configured are dropped (the lock describes the configured box)."""
     data: dict[str, Any] = {"format": FORMAT, "models": {}, "box": box(facts, cfg)}
+    if isinstance(old, dict) and isinstance(old.get("build"), dict):
+        data["build"] = old["build"]       # the build step's record; not the models step's to change
     old_models = (old or {}).get("models", {}) if isinstance(old, dict) else {}
     files = cfg["models"]["files"]
     for key, f in files.items():
@@ -109,4 +115,26 @@ def build(old: dict | None, facts: dict, cfg: dict, results: list[dict]) -> dict
             data["models"][key] = old_models[key]
     for r in results:
         data["models"][r["key"]] = entry(r, files[r["key"]]["revision"])
+    return data
+
+
+def build_entry(stamp: dict, build_dir: str) -> dict:
+    """The lock's record of a build, from its stamp: commit, directory, bin/'s files and links."""
+    return {"sha": stamp.get("sha"), "build_dir": build_dir, "files": stamp.get("files") or {},
+            "links": stamp.get("links") or {}}
+
+
+def with_build(old: dict | None, entry: dict) -> dict:
+    """The lock with its ``build`` record replaced; everything else as it was (a new lock if none).
+
+    >>> lk = with_build({"format": 1, "models": {"m": {}}, "box": {"os": {}}}, {"sha": "s", "files": {}})
+    >>> sorted(lk), lk["models"], lk["build"]["sha"]
+    (['box', 'build', 'format', 'models'], {'m': {}}, 's')
+    >>> with_build(None, {"sha": "s"})["models"]
+    {}
+    """
+    data = dict(old) if isinstance(old, dict) and old.get("format") == FORMAT else {"format": FORMAT}
+    data.setdefault("models", {})
+    data.setdefault("box", {})
+    data["build"] = entry
     return data

@@ -14,10 +14,17 @@ What it does, in order (apply), each part skipped when already right:
    Ninja's [n/N] progress; the full compiler output goes to the step's log. An interrupted build
    continues where it stopped (Ninja), because the stamp is removed before and written only after.
 4. Record: `llama-server --version` must name the pinned commit; `llama-server --help` is parsed once
-   (provision.serve.helptext) and stored as JSON for the serve step; last, the build stamp.
+   (provision.serve.helptext) and stored as JSON for the serve step; last, the build stamp with the
+   sha256 of every file in bin/.
+
+Reproducible: the same pin, compilers and flags give the same bytes in bin/ wherever the source tree and
+the build directory are (docs/reproducible-builds.md): prefix maps for every compiler (nvcc's host
+compiler included), $ORIGIN-relative RPATHs, SOURCE_DATE_EPOCH from the pinned commit, LC_ALL=C, TZ=UTC
+and umask 022 for the compilers, and nvcc's intermediate files named after the object, not a PID.
 
 Files in build.build_dir (the serve step and `invoke verify` read them):
-    gpubox-stamp.json      SHA, cmake arguments, compiler versions, targets, timings (written last)
+    gpubox-stamp.json      SHA, cmake arguments, compiler versions, targets, timings, the sha256 of
+                           every file in bin/ (written last)
     gpubox-configure.json  the inputs of the current CMake configuration
     gpubox-dialect.json    the flag dialect of bin/llama-server (provision.serve.helptext.to_json)
     gpubox-help.txt        the raw `llama-server --help` text it was parsed from
@@ -29,10 +36,11 @@ import datetime as _dt
 import json
 import posixpath
 import re
+import shlex
 import time
 from typing import Any, Callable
 
-from .. import config as configmod
+from .. import config as configmod, lockfile, repro
 from ..engine import Change, Check, StepError
 from ..facts import UNKNOWN, Fact, qpath
 from ..host import CommandFailed, cmd, expand_home
@@ -120,6 +128,8 @@ def _fact_command(cfg: dict) -> str:
         '[ -f "$bld/CMakeCache.txt" ] && kv cmakecache yes',
         '{ [ -f "$bld/build.ninja" ] || [ -f "$bld/Makefile" ]; } && kv generated yes',
         f'[ -s "$bld/{DIALECT_FILE}" ] && kv dialect yes',
+        # The lock's record of the build (the whole lock on one line: JSON without its newlines).
+        f'lock={qpath(lockfile.path(cfg))}; [ -f "$lock" ] && kv lock "$(tr -d "\\n" < "$lock")"',
         'for t in ' + " ".join(qpath(t) for t in b["targets"]) + '; do [ -x "$bld/bin/$t" ] && kv bin "$t"; done',
         # --version prints to stderr; a CUDA build on a box whose driver is not loaded fails here.
         f'if [ -x "$bld/bin/{SERVER}" ]; then v=$(timeout 60 "$bld/bin/{SERVER}" --version 2>&1); kv version_rc $?; '
@@ -132,7 +142,10 @@ def _fact_command(cfg: dict) -> str:
     ]
     if tc["nvcc"]:
         lines.append(f"nv={qpath(tc['nvcc'])}; kv nvcc_path \"$nv\"; "
-                     '[ -x "$nv" ] && kv nvcc_version "$("$nv" --version | grep -m1 release)"')
+                     '[ -x "$nv" ] && kv nvcc_version "$("$nv" --version | grep -m1 release)"; '
+                     # --objdir-as-tempdir names nvcc's intermediate files after the object instead of a PID
+                     # (docs/reproducible-builds.md); asked of this nvcc, not assumed from its version.
+                     '[ -x "$nv" ] && "$nv" --help | grep -q -e "--objdir-as-tempdir" && kv nvcc_objtemp yes')
         lines.append(f"cx={qpath(tc['cxx'])}; cc={qpath(tc['cc'] or tc['cxx'])}")
     else:
         lines.append('cx=$(command -v c++ || command -v g++); cc=$(command -v cc || command -v gcc)')
@@ -145,7 +158,7 @@ def parse_fact(out: str, rc: int) -> dict[str, Any]:
     """`key=value` lines -> the build fact. JSON values (stamp, configured) that do not parse are None."""
     d: dict[str, Any] = {"src": "missing", "bins": [], "stamp": None, "configured": None, "dirty": [],
                          "has_sha": False, "head_on_ref": False, "cmakecache": False, "generated": False,
-                         "dialect": False}
+                         "dialect": False, "nvcc_objtemp": False, "lock": None}
     for line in out.splitlines():
         k, sep, v = line.partition("=")
         if not sep:
@@ -153,14 +166,14 @@ def parse_fact(out: str, rc: int) -> dict[str, Any]:
         v = v.strip()
         if k == "bin":
             d["bins"].append(v)
-        elif k in ("stamp", "configured"):
+        elif k in ("stamp", "configured", "lock"):
             try:
                 d[k] = json.loads(v)
             except ValueError:
                 d[k] = None
         elif k == "dirty":
             d[k] = v.split()
-        elif k in ("has_sha", "head_on_ref", "cmakecache", "generated", "dialect"):
+        elif k in ("has_sha", "head_on_ref", "cmakecache", "generated", "dialect", "nvcc_objtemp"):
             d[k] = v == "yes"
         elif k == "version_rc":
             d[k] = int(v) if v.lstrip("-").isdigit() else 1
@@ -238,7 +251,7 @@ def cmake_flags(facts: dict, cfg: dict) -> list[tuple[str, str]]:
         # instead, one per language, CUDA included, and absent when ccache is.
         ("-DGGML_CCACHE=OFF", "ccache is set per language below (CUDA included) instead of by ggml's own hook"),
     ]
-    ccache = f.get("ccache") or ""
+    ccache = (f.get("ccache") or "") if b["ccache"] else ""
     if ccache:
         flags += [(f"-DCMAKE_C_COMPILER_LAUNCHER={ccache}", "ccache for C"),
                   (f"-DCMAKE_CXX_COMPILER_LAUNCHER={ccache}", "ccache for C++")]
@@ -261,9 +274,81 @@ def cmake_flags(facts: dict, cfg: dict) -> list[tuple[str, str]]:
              "nvcc's host compiler: CUDA 12.9 rejects gcc 15 (Fedora 42's default), so step 3's gcc-14"),
             (f"-DCMAKE_CUDA_ARCHITECTURES={arch}", "only the card's architecture: a fraction of the all-arch build time"),
         ]
+    src, bld = dirs(facts, cfg)
+    flags += reproducible_flags(src, bld, cuda=b["cuda"], objtemp=bool(f.get("nvcc_objtemp")))
     for extra in b.get("cmake_extra") or []:
         flags.append((f"-D{extra}", "build.cmake_extra"))
     return flags
+
+
+# --- reproducibility (docs/reproducible-builds.md) ----------------------------------------------------
+
+# What the source tree and the build directory are called inside the binaries, wherever they really are.
+SRC_ALIAS = "/gpubox/src"
+BUILD_ALIAS = "/gpubox/build"
+
+
+def prefix_maps(src: str, bld: str) -> list[tuple[str, str]]:
+    """(real prefix, alias) pairs, the longest real prefix LAST.
+
+    GCC and clang try the last -ffile-prefix-map first and match plain string prefixes, so when one
+    directory's path starts with the other's (/x/src and /x/src-build, or a build directory inside the
+    tree) the longer one must come later to win.
+
+    >>> prefix_maps("/opt/src/llama.cpp", "/opt/src/llama.cpp/build")
+    [('/opt/src/llama.cpp', '/gpubox/src'), ('/opt/src/llama.cpp/build', '/gpubox/build')]
+    >>> prefix_maps("/a/very/long/source/path", "/b")
+    [('/b', '/gpubox/build'), ('/a/very/long/source/path', '/gpubox/src')]
+    """
+    pairs = [(src.rstrip("/") or "/", SRC_ALIAS), (bld.rstrip("/") or "/", BUILD_ALIAS)]
+    return sorted(pairs, key=lambda p: len(p[0]))
+
+
+def reproducible_flags(src: str, bld: str, *, cuda: bool, objtemp: bool) -> list[tuple[str, str]]:
+    """The -D options that make bin/ independent of where the tree and the build directory are."""
+    maps = [f"-ffile-prefix-map={old}={new}" for old, new in prefix_maps(src, bld)]
+    # Ninja and Make hand CMAKE_<LANG>_FLAGS to /bin/sh: quote each flag (a path may hold a space).
+    cflags = " ".join(shlex.quote(m) for m in maps)
+    why_map = ("-ffile-prefix-map (= -fmacro-prefix-map + -fdebug-prefix-map): __FILE__ in assertion "
+               f"messages and any debug info name {SRC_ALIAS}/... and {BUILD_ALIAS}/..., not the real paths")
+    flags = [
+        (f"-DCMAKE_C_FLAGS={cflags}", why_map),
+        (f"-DCMAKE_CXX_FLAGS={cflags}", why_map),
+        # CMake's default build-tree RPATH is the absolute path of bin/ in every executable and library;
+        # $ORIGIN says "next to me" (the libraries sit in bin/ beside the executables).
+        ("-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON", "RPATH $ORIGIN instead of the absolute build directory"),
+    ]
+    if cuda:
+        # nvcc hands -Xcompiler options to the host compiler for its preprocessing passes and the host
+        # object, so __FILE__ in host and device code is mapped too. (-Xcompiler splits on commas: a path
+        # with a comma would be cut; gpubox's own paths have none.)
+        cuda_flags = [shlex.quote(f"-Xcompiler={m}") for m in maps]
+        why = "the host compiler's prefix maps, through nvcc"
+        if objtemp:
+            # Without it nvcc names its intermediate files /tmp/tmpxft_<pid>_<n>-<k>_<file>; gcc puts that
+            # name in the host object's FILE symbol and its _GLOBAL__sub_I_<file> initialiser, so every
+            # build of a .cu with a static initialiser differs. With it they are <object>.cudafe1.cpp etc.
+            cuda_flags.append("-objtemp")
+            why += "; -objtemp: intermediate files named after the object, not nvcc's PID"
+        flags.append((f"-DCMAKE_CUDA_FLAGS={' '.join(cuda_flags)}", why))
+    return flags
+
+
+# LC_ALL: the same messages, collation and number formats whatever the login's locale; TZ: dates (CMake's
+# string(TIMESTAMP), __DATE__) do not depend on the box's time zone. SOURCE_DATE_EPOCH (the pinned commit's
+# time, set at apply) replaces "now" in __DATE__/__TIME__ and CMake timestamps.
+STABLE_ENV = {"LC_ALL": "C", "TZ": "UTC"}
+# File modes of everything written (objects, bin/) do not depend on the login's umask.
+UMASK = "022"
+
+
+def dirs(facts: dict, cfg: dict) -> tuple[str, str]:
+    """(source tree, build directory) on the target, ~ expanded when the home is known."""
+    b = cfg["build"]
+    home = facts.get("home") if isinstance(facts.get("home"), str) and facts.get("home") != UNKNOWN else ""
+    if not home:
+        return b["src_dir"], b["build_dir"]
+    return expand_home(b["src_dir"], home), expand_home(b["build_dir"], home)
 
 
 def _bfact(facts: dict) -> dict:
@@ -276,8 +361,7 @@ def plan(facts: dict, cfg: dict) -> dict[str, Any]:
     b = cfg["build"]
     f = _bfact(facts)
     home = facts.get("home") if isinstance(facts.get("home"), str) and facts.get("home") != UNKNOWN else ""
-    src = expand_home(b["src_dir"], home) if home else b["src_dir"]
-    bld = expand_home(b["build_dir"], home) if home else b["build_dir"]
+    src, bld = dirs(facts, cfg)
     pin = configmod.fork_pin(cfg)
     tc = toolchain(cfg)
     generator = "Ninja" if f.get("ninja") else "Unix Makefiles"
@@ -304,7 +388,12 @@ def plan(facts: dict, cfg: dict) -> dict[str, Any]:
             first, login_path = parts[:1], ":".join(parts[1:])
         # Then nvcc's directory: nvcc finds its own tools (ptxas, fatbinary) and cmake its CUDA through it.
         env["PATH"] = ":".join(dict.fromkeys([*first, posixpath.dirname(tc["nvcc"]), *login_path.split(":")]))
-    if f.get("ccache") and b.get("ccache_dir"):
+    env.update(STABLE_ENV)
+    if not b["ccache"]:
+        # No launchers (cmake_flags), and a ccache masquerading as the compiler (Fedora's profile.d puts
+        # /usr/lib64/ccache first on PATH) passes straight through: every object is compiled now.
+        env["CCACHE_DISABLE"] = "1"
+    elif f.get("ccache") and b.get("ccache_dir"):
         # The cache survives deleting the build directory (and, in CI, a sandbox reset): the paths of a
         # rebuild are the same, so its compiler commands hash the same.
         env["CCACHE_DIR"] = expand_home(b["ccache_dir"], home) if home else b["ccache_dir"]
@@ -316,7 +405,8 @@ def plan(facts: dict, cfg: dict) -> dict[str, Any]:
             "dialect": pin.get("dialect", ""), "url": b["repo_url"], "targets": list(b["targets"]),
             "generator": generator, "flags": flags, "args": args, "compilers": compilers,
             "fingerprint": fingerprint, "jobs": jobs, "jobs_why": jobs_why, "env": env, "owner": owner,
-            "as_user": as_user, "toolchain": tc, "arch": arch, "arch_why": arch_why}
+            "as_user": as_user, "toolchain": tc, "arch": arch, "arch_why": arch_why,
+            "lock": lockfile.path(cfg), "lock_data": f.get("lock")}
 
 
 def _steps_env(facts: dict, cfg: dict) -> dict[str, str]:
@@ -334,6 +424,17 @@ def _steps_env(facts: dict, cfg: dict) -> dict[str, str]:
 
 def configure_argv(p: dict) -> list[str]:
     return ["cmake", "-S", p["src"], "-B", p["build"], "-G", p["generator"], *p["args"]]
+
+
+def with_umask(argv: list[str]) -> list[str]:
+    return ["sh", "-c", f'umask {UMASK} && exec "$@"', "sh", *argv]
+
+
+def source_date_epoch(host, p: dict) -> str:
+    """The pinned commit's committer time (seconds since 1970), for SOURCE_DATE_EPOCH; "" if git cannot say."""
+    r = host.run(_argv(p, ["git", "-C", p["src"], "log", "-1", "--format=%ct", p["sha"]]), check=False)
+    v = (r.stdout or "").strip()
+    return v if r.exited == 0 and v.isdigit() else ""
 
 
 def build_argv(p: dict) -> list[str]:
@@ -377,7 +478,37 @@ def stamp_differences(stamp: Any, p: dict) -> list[str]:
     missing = [t for t in p["targets"] if t not in (stamp.get("targets") or [])]
     if missing:
         why.append("targets not built yet: " + ", ".join(missing))
+    if not stamp.get("files"):
+        why.append("the stamp records no sha256 of bin/ (written by an older gpubox)")
     return why
+
+
+def build_reasons(f: dict, p: dict) -> list[str]:
+    """Why the binaries must be (re)built ([] = the recorded build is the wanted one and runs)."""
+    why = stamp_differences(f.get("stamp"), p)
+    missing = [t for t in p["targets"] if t not in (f.get("bins") or [])]
+    if missing and not why:
+        why.append("binaries missing: " + ", ".join(missing))
+    if not why and SERVER in p["targets"]:
+        if f.get("version_rc", 1) != 0:
+            why.append(f"{SERVER} --version fails (exit {f.get('version_rc')}): {f.get('version_tail', '')}".strip())
+        elif not names_commit(f.get("version", ""), p["sha"]):
+            why.append(f"{SERVER} --version does not name {p['sha'][:12]}: {f.get('version', '')}")
+    return why
+
+
+def lock_difference(f: dict, p: dict) -> str:
+    """Why the lock's build record is not this build's stamp ("" = it is)."""
+    stamp = f.get("stamp") if isinstance(f.get("stamp"), dict) else {}
+    if not stamp.get("files"):
+        return ""
+    lock = f.get("lock") if isinstance(f.get("lock"), dict) else {}
+    have = lock.get("build")
+    if not isinstance(have, dict):
+        return f"{p['lock']} has no record of the build"
+    if have != lockfile.build_entry(stamp, p["build"]):
+        return f"{p['lock']} records another build (commit {str(have.get('sha'))[:12]}, {have.get('build_dir')})"
+    return ""
 
 
 def _configured_fp(f: dict) -> Any:
@@ -484,15 +615,7 @@ def check(facts: dict, cfg: dict) -> Check:
             changes.append(Change(f"check out {p['sha'][:12]}", why, cmds))
 
     # Build.
-    why = stamp_differences(f.get("stamp"), p)
-    missing = [t for t in p["targets"] if t not in (f.get("bins") or [])]
-    if missing and not why:
-        why.append("binaries missing: " + ", ".join(missing))
-    if not why and SERVER in p["targets"]:
-        if f.get("version_rc", 1) != 0:
-            why.append(f"{SERVER} --version fails (exit {f.get('version_rc')}): {f.get('version_tail', '')}".strip())
-        elif not names_commit(f.get("version", ""), p["sha"]):
-            why.append(f"{SERVER} --version does not name {p['sha'][:12]}: {f.get('version', '')}")
+    why = build_reasons(f, p)
     if why:
         old_fp = _configured_fp(f)
         if f.get("cmakecache") and old_fp != p["fingerprint"]:
@@ -504,6 +627,9 @@ def check(facts: dict, cfg: dict) -> Check:
             changes.append(Change("configure", "not configured yet", [cmd(configure_argv(p))]))
         changes.append(Change(f"build {', '.join(p['targets'])} with {p['jobs']} jobs", "; ".join(why),
                               [cmd(build_argv(p))]))
+    lock_why = "" if why else lock_difference(f, p)
+    if lock_why:
+        changes.append(Change(f"record bin/'s sha256 in {p['lock']}", lock_why, [f"write {p['lock']}"]))
     if not f.get("dialect") and not why and SERVER in p["targets"]:
         changes.append(Change(f"store {SERVER}'s flag dialect", f"no {DIALECT_FILE} next to the stamp",
                               [cmd([f"{p['build']}/bin/{SERVER}", "--help"])]))
@@ -683,7 +809,7 @@ def configure(host, p: dict, f: dict) -> dict:
         # only a cache deleted first takes the new values. Objects stay; Ninja rebuilds what changed.
         host.run(_argv(p, ["rm", "-rf", f"{bld}/CMakeCache.txt", f"{bld}/CMakeFiles", f"{bld}/{CONFIGURE_FILE}"]))
     try:
-        res = host.run(_argv(p, configure_argv(p), p["env"]))
+        res = host.run(_argv(p, with_umask(configure_argv(p)), p["env"]))
     except CommandFailed as e:
         raise _fail(f"{NAME}: cmake configure failed: " + (_first_error(e.stdout + "\n" + e.stderr) or e.tail(1)),
                     "see the output below and the step log; a wrong build.nvcc/build.host_compiler or a missing "
@@ -705,7 +831,7 @@ def _first_error(text: str) -> str:
 
 def compile_targets(host, p: dict, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the build with progress; returns wall/CPU seconds. A failure names the first failed edge."""
-    script = cmd(build_argv(p)) + '; rc=$?; echo "@@times"; times; exit $rc'
+    script = f"umask {UMASK}; " + cmd(build_argv(p)) + '; rc=$?; echo "@@times"; times; exit $rc'
     progress = Progress(echo=echo, log=getattr(host, "log", None))
     echo(f"[{NAME}] building {', '.join(p['targets'])}: {p['jobs']} jobs ({p['jobs_why']})")
     t0 = time.monotonic()
@@ -777,8 +903,31 @@ def record(host, p: dict, timing: dict, conf: dict) -> list[str]:
         _write(host, p, f"{bld}/{DIALECT_FILE}", helptext.to_json(parsed, binary=server, sha=p["sha"],
                                                                   version=stamp["server_version"]) + "\n")
     stamp["dialect_file"] = f"{bld}/{DIALECT_FILE}"
+    stamp.update(hash_bin(host, p))
     _write(host, p, f"{bld}/{STAMP_FILE}", json.dumps(stamp, sort_keys=True) + "\n")
+    record_lock(host, p, stamp)
     return notes
+
+
+def hash_bin(host, p: dict) -> dict:
+    """{"files": {name: {size, sha256}}, "links": {name: target}} of bin/, for the stamp and the lock."""
+    bindir = f"{p['build']}/bin"
+    r = host.run(_argv(p, repro.manifest_argv(bindir)), check=False, timeout=600)
+    m = repro.parse_manifest(r.stdout or "")
+    if r.exited != 0 or not m["files"]:
+        raise StepError(f"{NAME}: cannot hash the files in {bindir} (exit {r.exited})",
+                        "is sha256sum (coreutils) installed? run again after fixing", output=(r.stderr or "")[-2000:])
+    return m
+
+
+def record_lock(host, p: dict, stamp: dict) -> None:
+    """The lock's `build` record: this build's files; the models and the box stay as they were."""
+    from .models import write_lock
+    entry = lockfile.build_entry(stamp, p["build"])
+    old = p.get("lock_data") if isinstance(p.get("lock_data"), dict) else None
+    if old is not None and old.get("build") == entry:
+        return
+    write_lock(host, p["lock"], lockfile.dumps(lockfile.with_build(old, entry)))
 
 
 def apply(host, facts: dict, cfg: dict, check: Check, echo: Callable[[str], None] = print):
@@ -801,7 +950,16 @@ def apply(host, facts: dict, cfg: dict, check: Check, echo: Callable[[str], None
         if not ok:
             raise StepError(f"{NAME}: refusing to configure a CUDA build: {why}",
                             "run step patch first (invoke patch), then build again")
+    if f.get("src") == "git" and f.get("head") == p["sha"] and not build_reasons(f, p):
+        # Built and right; only the lock's record (or the dialect file) is missing.
+        if lock_difference(f, p):
+            record_lock(host, p, f["stamp"])
+        if f.get("dialect") or SERVER not in p["targets"]:
+            return []
     notes = ensure_source(host, p, f)
+    epoch = source_date_epoch(host, p)
+    if epoch:
+        p = dict(p, env={**p["env"], "SOURCE_DATE_EPOCH": epoch})
     _ensure_dir(host, p, p["build"])
     # No stamp while building: an interrupted build must not look finished.
     host.run(_argv(p, ["rm", "-f", f"{p['build']}/{STAMP_FILE}"]))

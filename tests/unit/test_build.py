@@ -11,7 +11,7 @@ import subprocess
 import pytest
 from invoke import Context, MockContext, Result
 
-from provision import config, facts as factmod
+from provision import config, facts as factmod, lockfile, repro
 from provision.engine import StepError
 from provision.host import Host
 from provision.jobs import choose_jobs
@@ -57,13 +57,21 @@ def built(facts: dict, cfg: dict, **stamp_over) -> dict:
              "targets": p["targets"]}
     if "gpu_archs" in p["fingerprint"]:
         stamp["gpu_archs"] = p["fingerprint"]["gpu_archs"]
+    stamp.update(FILES)
     stamp.update(stamp_over)
     f = dict(facts)
     f["build"] = dict(facts["build"], src="git", head=p["sha"], has_sha=True, head_on_ref=True,
                       stamp=stamp, configured={"fingerprint": p["fingerprint"]}, cmakecache=True, generated=True,
                       dialect=True, bins=list(p["targets"]), version_rc=0,
-                      version=f"version: 1.2.0 (build 10018, commit {p['sha'][:7]})")
+                      version=f"version: 1.2.0 (build 10018, commit {p['sha'][:7]})",
+                      lock=lockfile.with_build(None, lockfile.build_entry(stamp, p["build"])))
     return f
+
+
+# What the manifest command prints for a bin/ with one executable, one library and its links.
+MANIFEST = ("F\tllama-server\t4096\t" + "1" * 64 + "\nF\tlibllama.so.0.5.0\t8192\t" + "2" * 64 + "\n"
+            "L\tlibllama.so.0\tlibllama.so.0.5.0\nL\tlibllama.so\tlibllama.so.0\n")
+FILES = repro.parse_manifest(MANIFEST)
 
 
 # --- jobs: cores and memory, as data -------------------------------------------------------------------
@@ -298,7 +306,9 @@ def test_check_never_raises_on_unreadable_facts():
 # --- apply: the commands, against MockContext ------------------------------------------------------------
 
 def ctx(responses: dict) -> MockContext:
-    run = {re.compile(r"^sh -c "): Result(), re.compile(r"^mv -f \S+\.gpubox-tmp "): Result()}   # _write
+    run = {re.compile(r"^sh -c .* gpubox-manifest \S+/bin$", re.S): Result(MANIFEST),    # hash_bin
+           re.compile(r".*git -C \S+ log -1 --format=%ct [0-9a-f]{40}$"): Result("1721800000\n"),
+           re.compile(r"^sh -c "): Result(), re.compile(r"^mv -f \S+\.gpubox-tmp "): Result()}   # _write, locks
     run.update(responses)
     return MockContext(run=run)
 
@@ -317,8 +327,9 @@ def test_apply_fresh_clone_configure_build_record(monkeypatch):
         re.compile(r".*cat-file -e "): Result(),
         re.compile(r".*checkout --detach "): Result(),
         re.compile(r"^rm -f .*gpubox-stamp.json$"): Result(),
-        re.compile(r"^cmake -S "): Result("-- Configuring done\n-- Generating done\n"),
-        re.compile(r"^bash -c 'cmake --build "): Result("[1/2] Building CXX\n[2/2] Linking CXX executable bin/llama-server\n"
+        re.compile(r"^env LC_ALL=C TZ=UTC SOURCE_DATE_EPOCH=1721800000 sh -c 'umask 022 && exec \"\$@\"' sh cmake -S "):
+            Result("-- Configuring done\n-- Generating done\n"),
+        re.compile(r"^env LC_ALL=C TZ=UTC SOURCE_DATE_EPOCH=1721800000 bash -c 'umask 022; cmake --build "): Result("[1/2] Building CXX\n[2/2] Linking CXX executable bin/llama-server\n"
                                                         "@@times\n0m0.01s 0m0.00s\n10m30.0s 0m30.0s\n"),
         re.compile(r".*llama-server --version$"): Result(stderr=f"version: 1.2.0 (build 10018, commit {SHA[:7]})\n"),
         re.compile(r".*llama-server --help$"): Result(help_text),
@@ -330,15 +341,24 @@ def test_apply_fresh_clone_configure_build_record(monkeypatch):
     assert cmds[1] == f"git clone --no-checkout -- {cfg['build']['repo_url']} /opt/gpubox/src/llama.cpp"
     assert any(c.endswith(f"checkout --detach {SHA}") for c in cmds)
     i_rm = cmds.index("rm -f /opt/gpubox/build/llama.cpp/gpubox-stamp.json")
-    i_cfg = next(i for i, c in enumerate(cmds) if c.startswith("cmake -S "))
-    i_bld = next(i for i, c in enumerate(cmds) if c.startswith("bash -c 'cmake --build"))
+    i_cfg = next(i for i, c in enumerate(cmds) if " sh cmake -S " in c)
+    i_bld = next(i for i, c in enumerate(cmds) if "bash -c 'umask 022; cmake --build" in c)
     assert i_rm < i_cfg < i_bld
     assert "--target llama-server --parallel 4" in cmds[i_bld]   # 4 cores, 30 GiB
     assert not any("rm -rf" in c for c in cmds)           # nothing to reconfigure from scratch
-    # the stamp is the last file written
+    # the stamp is the last build file written, with bin/'s hashes; then the lock's build record
     moves = [c for c in cmds if c.startswith("mv -f ")]
     assert moves[-1].endswith(" /opt/gpubox/build/llama.cpp/gpubox-stamp.json")
     assert moves[-2].endswith(" /opt/gpubox/build/llama.cpp/gpubox-dialect.json")
+    stamp_chunk = next(c for c in cmds if c.startswith("sh -c ") and "gpubox-stamp.json.gpubox-tmp" in c)
+    stamp = json.loads(shlex.split(stamp_chunk)[4])
+    assert stamp["files"] == FILES["files"] and stamp["links"] == FILES["links"]
+    assert "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON" in stamp["cmake_args"]
+    lock_cmd = cmds[-1]
+    assert "gpubox-lock /var/lib/gpubox/gpubox.lock.json" in lock_cmd
+    lock = json.loads(shlex.split(lock_cmd)[-1])
+    assert lock["build"] == {"sha": SHA, "build_dir": "/opt/gpubox/build/llama.cpp", **FILES}
+    assert lock["format"] == 1 and lock["models"] == {}
     # the 76 kB dialect goes in several argument-sized chunks, not through stdin
     chunks = [c for c in cmds if c.startswith("sh -c ") and "gpubox-dialect.json.gpubox-tmp" in c]
     assert len(chunks) >= 3 and all(len(c) < 100_000 for c in chunks)
@@ -353,9 +373,9 @@ def test_apply_reconfigures_from_scratch_when_inputs_changed():
     host = Host(ctx({
         re.compile(r".*cat-file -e "): Result(),
         re.compile(r"^(mkdir -p|rm -f|rm -rf) "): Result(),
-        re.compile(r"^env PATH=\S+ CUDAHOSTCXX=/usr/bin/g\+\+-14 cmake -S "): Result(
+        re.compile(r"^env PATH=\S+ CUDAHOSTCXX=/usr/bin/g\+\+-14 LC_ALL=C TZ=UTC SOURCE_DATE_EPOCH=\d+ sh -c .* cmake -S "): Result(
             "-- Using CMAKE_CUDA_ARCHITECTURES=75 CMAKE_CUDA_ARCHITECTURES_NATIVE=\n"),
-        re.compile(r"^env PATH=.* bash -c 'cmake --build "): Result("ninja: no work to do.\n@@times\n0m0s 0m0s\n0m1.0s 0m0.5s\n"),
+        re.compile(r"^env PATH=.* bash -c 'umask 022; cmake --build "): Result("ninja: no work to do.\n@@times\n0m0s 0m0s\n0m1.0s 0m0.5s\n"),
     }))
     lines: list[str] = []
     build.apply(host, f, cfg, build.check(f, cfg), echo=lines.append)
@@ -415,7 +435,7 @@ def test_build_failure_names_the_failed_edge_and_oom_fix():
            "nvcc error   : 'cicc' died due to signal 9 (Kill signal)\nninja: build stopped: subcommand failed.\n")
     host = Host(ctx({
         re.compile(r".*cat-file -e |(mkdir -p|rm -f) "): Result(),
-        re.compile(r".*bash -c 'cmake --build "): Result(out, exited=1),
+        re.compile(r".*bash -c 'umask 022; cmake --build "): Result(out, exited=1),
     }))
     with pytest.raises(StepError) as ei:
         build.apply(host, f, cfg, build.check(f, cfg), echo=lambda s: None)
@@ -571,3 +591,108 @@ def test_ensure_source_clone_checkout_and_errors(repo, tmp_path):
     notes = build.ensure_source(host, build.plan(f, newer), f["build"])
     assert any("fetched" in n for n in notes)
     assert subprocess.check_output(["git", "-C", str(src), "rev-parse", "HEAD"], text=True).strip() == third
+
+
+# --- reproducibility: flags, environment, the stamp's hashes and the lock -------------------------------
+
+def test_prefix_maps_and_rpath_for_a_cpu_build():
+    cfg = cfg_with("build.cuda=false", "build.src_dir=/srv/a/src", "build.build_dir=/srv/a/src-build")
+    d = flags(facts_with(), cfg)
+    # the longer real prefix last: /srv/a/src-build must not be mapped as /gpubox/src-build
+    assert d["CMAKE_C_FLAGS"] == ("-ffile-prefix-map=/srv/a/src=/gpubox/src "
+                                  "-ffile-prefix-map=/srv/a/src-build=/gpubox/build")
+    assert d["CMAKE_CXX_FLAGS"] == d["CMAKE_C_FLAGS"]
+    assert d["CMAKE_BUILD_RPATH_USE_ORIGIN"] == "ON"
+    assert "CMAKE_CUDA_FLAGS" not in d
+    env = build.plan(facts_with(), cfg)["env"]
+    assert env["LC_ALL"] == "C" and env["TZ"] == "UTC"
+    # a path with a space is quoted for the shell Ninja runs the compiler through
+    odd = cfg_with("build.cuda=false", "build.src_dir=/srv/my src", "build.build_dir=/srv/b")
+    assert "'-ffile-prefix-map=/srv/my src=/gpubox/src'" in flags(facts_with(), odd)["CMAKE_C_FLAGS"]
+
+
+def test_cuda_flags_map_the_host_compiler_and_use_objtemp_only_when_nvcc_has_it():
+    cfg = cfg_with()
+    d = flags(facts_with(gpus=[GTX1080], nvcc_objtemp=True), cfg)
+    assert d["CMAKE_CUDA_FLAGS"] == ("-Xcompiler=-ffile-prefix-map=/opt/gpubox/src/llama.cpp=/gpubox/src "
+                                     "-Xcompiler=-ffile-prefix-map=/opt/gpubox/build/llama.cpp=/gpubox/build -objtemp")
+    assert "-objtemp" not in flags(facts_with(gpus=[GTX1080], nvcc_objtemp=False), cfg)["CMAKE_CUDA_FLAGS"]
+    assert all(why for _, why in build.cmake_flags(facts_with(gpus=[GTX1080], nvcc_objtemp=True), cfg))
+    # the fact says whether this nvcc knows the option
+    assert build.parse_fact("nvcc_objtemp=yes\n", 0)["nvcc_objtemp"] is True
+    assert build.parse_fact("", 0)["nvcc_objtemp"] is False
+
+
+def test_ccache_off_means_no_launchers_and_ccache_disabled():
+    cfg = cfg_with("build.ccache=false", "build.ccache_dir=/var/cache/cc")
+    p = build.plan(facts_with(gpus=[GTX1080]), cfg)
+    assert not any("LAUNCHER" in a for a in p["args"])
+    assert p["env"]["CCACHE_DISABLE"] == "1" and "CCACHE_DIR" not in p["env"]
+    on = build.plan(facts_with(gpus=[GTX1080]), cfg_with("build.ccache_dir=/var/cache/cc"))
+    assert on["env"]["CCACHE_DIR"] == "/var/cache/cc" and "CCACHE_DISABLE" not in on["env"]
+
+
+def test_stamp_without_hashes_rebuilds_and_a_missing_lock_record_is_written():
+    cfg = cfg_with()
+    f = built(facts_with(gpus=[GTX1080]), cfg)
+    f["build"]["stamp"] = {k: v for k, v in f["build"]["stamp"].items() if k not in ("files", "links")}
+    chk = build.check(f, cfg)
+    assert not chk.satisfied and "records no sha256" in chk.changes[-1].why
+    # built and right, but the lock lacks (or has another) build record: only the lock is written
+    f = built(facts_with(gpus=[GTX1080]), cfg)
+    f["build"]["lock"] = {"format": 1, "models": {"model": {"sha256": "x"}}, "box": {"os": {}}}
+    chk = build.check(f, cfg)
+    assert [c.what for c in chk.changes] == ["record bin/'s sha256 in /var/lib/gpubox/gpubox.lock.json"]
+    host = Host(ctx({}))
+    assert build.apply(host, f, cfg, chk) == []
+    cmds = ran(host)
+    assert len(cmds) == 1 and "gpubox-lock /var/lib/gpubox/gpubox.lock.json" in cmds[0]
+    lock = json.loads(shlex.split(cmds[0])[-1])
+    assert lock["models"] == {"model": {"sha256": "x"}} and lock["box"] == {"os": {}}   # kept
+    assert lock["build"]["files"] == FILES["files"] and lock["build"]["sha"] == SHA
+    f["build"]["lock"] = lock
+    assert build.check(f, cfg).satisfied
+
+
+def test_the_models_step_keeps_the_build_record():
+    old = lockfile.with_build(None, {"sha": SHA, "build_dir": "/b", **FILES})
+    new = lockfile.build(old, facts_with(), cfg_with(), [])
+    assert new["build"] == old["build"]
+
+
+def test_prefix_map_flags_hide_the_real_paths_from_gcc(tmp_path):
+    """The flags as emitted, on a real gcc: __FILE__ of a source and of a generated file in a build
+    directory whose path starts with the source tree's, with debug info on (the worst case)."""
+    src, bld = tmp_path / "src", tmp_path / "src-build"
+    (src / "lib").mkdir(parents=True)
+    bld.mkdir()
+    (src / "lib" / "a.c").write_text('const char *where_a = __FILE__;\n')
+    (bld / "gen.c").write_text('const char *where_g = __FILE__;\n')
+    d = flags(facts_with(), cfg_with("build.cuda=false", f"build.src_dir={src}", f"build.build_dir={bld}"))
+    cflags = shlex.split(d["CMAKE_C_FLAGS"])
+    for c in (src / "lib" / "a.c", bld / "gen.c"):
+        subprocess.run(["gcc", *cflags, "-g", "-c", str(c), "-o", str(bld / (c.stem + ".o"))], cwd=bld, check=True)
+    text = (bld / "a.o").read_bytes() + (bld / "gen.o").read_bytes()
+    assert b"/gpubox/src/lib/a.c" in text and b"/gpubox/build/gen.c" in text
+    assert str(tmp_path).encode() not in text
+
+
+def test_fact_script_reads_the_lock_and_the_manifest_hashes_real_files(tmp_path):
+    cfg = cfg_with("build.cuda=false", f"state_dir={tmp_path}/state", f"build.src_dir={tmp_path}/src",
+                   f"build.build_dir={tmp_path}/build")
+    assert gather(cfg)["build"]["lock"] is None
+    (tmp_path / "state").mkdir()
+    lock = lockfile.with_build(None, {"sha": SHA, "build_dir": "/b", "files": {"x": {"size": 1, "sha256": "0" * 64}}})
+    (tmp_path / "state" / "gpubox.lock.json").write_text(lockfile.dumps(lock))
+    assert gather(cfg)["build"]["lock"] == lock
+    # the manifest of a real bin/: regular files hashed, links by target, nothing else
+    b = tmp_path / "bin"
+    b.mkdir()
+    (b / "libx.so.1.0").write_bytes(b"\x7fELF" + b"\0" * 60)
+    (b / "libx.so.1").symlink_to("libx.so.1.0")
+    (b / "sub").mkdir()
+    out = subprocess.run(repro.manifest_argv(str(b)), capture_output=True, text=True, check=True).stdout
+    m = repro.parse_manifest(out)
+    import hashlib
+    assert m["files"] == {"libx.so.1.0": {"size": 64, "sha256": hashlib.sha256(b"\x7fELF" + b"\0" * 60).hexdigest()}}
+    assert m["links"] == {"libx.so.1": "libx.so.1.0"}

@@ -90,3 +90,22 @@ def test_source_checkout_is_the_pin_with_history(host, gcfg, sha):
     assert host.check_output(f"git -C {q} rev-parse HEAD") == sha
     # a full clone: the build number (commit count) is right only with the whole history
     assert host.check_output(f"git -C {q} rev-parse --is-shallow-repository") == "false"
+
+
+def test_installed_files_match_the_stamp_and_the_lock(host, bdir, gcfg):
+    """Every file in bin/ has the size and sha256 the build recorded (stamp and lock agree), and bin/
+    holds nothing the build did not record."""
+    from provision import lockfile, repro
+    stamp = json.loads(host.file(f"{bdir}/{step.STAMP_FILE}").content_string)
+    assert stamp.get("files"), "the stamp records no sha256 of bin/ (run invoke build)"
+    now = repro.parse_manifest(host.check_output(repro.manifest_command(f"{bdir}/bin")))
+    changed = [n for n in stamp["files"] if now["files"].get(n) != stamp["files"][n]]
+    assert not changed, f"changed since the build: {changed} (rebuild with invoke build)"
+    assert now["links"] == stamp.get("links", {})
+    extra = sorted(set(now["files"]) - set(stamp["files"]))
+    assert not extra, f"not from this build: {extra}"
+    lock = host.file(lockfile.path(gcfg))
+    assert lock.is_file, f"no lock file at {lockfile.path(gcfg)}"
+    entry = json.loads(lock.content_string).get("build")
+    assert entry == lockfile.build_entry(stamp, bdir), \
+        f"the lock's build record differs from the stamp: {str(entry)[:300]}"
