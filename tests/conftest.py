@@ -10,6 +10,7 @@ your own instead.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -42,10 +43,14 @@ def llama_bin() -> Path:
     mirror = str(p.git / gitmirror.NAME)
     sha = (p.git / ".llama.cpp.recipe").read_text().split()[1]
     root = cache_root() / "llama-host"
+    root.mkdir(parents=True, exist_ok=True)
     cfg = Config(overrides={"run": {"in_stream": False}})
     cfg.load_collection(tasks.ns.configuration())
-    runs.run_steps(Context(cfg), ["build"], sets=[
-        "build.cuda=false", f"build.repo_url={mirror}", f"build.sha={sha}", "build.profile=current",
-        f"build.src_dir={root}/src", f"build.build_dir={root}/build", f"build.ccache_dir={root}/ccache",
-        f"build.targets={BUILD_TARGETS}", f"report_dir={root}/reports"])
+    # Several pytest sessions on one machine share this build: one ninja at a time in the build directory.
+    with open(root.parent / "llama-host.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        runs.run_steps(Context(cfg), ["build"], sets=[
+            "build.cuda=false", f"build.repo_url={mirror}", f"build.sha={sha}", "build.profile=current",
+            f"build.src_dir={root}/src", f"build.build_dir={root}/build", f"build.ccache_dir={root}/ccache",
+            f"build.targets={BUILD_TARGETS}", f"report_dir={root}/reports"])
     return root / "build" / "bin"
