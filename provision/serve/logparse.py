@@ -1,6 +1,7 @@
 """Parse a llama-server log (stderr, or --log-file) into what doctor and the serve step need.
 
-Line formats are the ones in docs/fork.md and llama.cpp's sources. Lines may carry the
+Line formats: docs/fork.md and docs/serve-mtp.md ("Log lines": real lines of both fork dialects and of
+upstream). Lines may carry the
 newer time/level prefix (`0.00.291.952 I `, `1.02.003.004 W `) or none (the pre-sync build); ANSI colour
 codes are stripped. The log is split per model at each
 
@@ -12,8 +13,18 @@ buffers. Across the log: devices, flash-attention fallbacks, OOM lines, mlock fa
 readiness, per-request timings and draft acceptance (old `draft acceptance rate =` and new
 `draft acceptance =`), MTP/speculative statistics (trace level), and the memory breakdown table.
 
+Per-request timing lines come in two layouts. Post-sync and upstream prefix every line with
+`slot print_timing: id  0 | task 7 | `; the pre-sync fork prints that prefix ALONE on one line and the
+`prompt eval time =`, `eval time =`, `total time =`, `draft acceptance rate =` and `statistics draft:` lines
+follow bare. Bare timing lines therefore belong to the request of the last stand-alone header (a bare
+`prompt eval time` line with no header before it starts a request of its own).
+
+A server that dies in the middle of a request (an assertion, an abort, a segfault) leaves `aborts` (the
+lines that say so) and `in_flight` (the task that was being processed and never reached print_timing).
+
 The serve step's launch script writes a `gpubox: llama-server start ...` marker before every start;
-`last_run()` keeps the text after the last one, so a restart's old lines never mix with the new ones.
+`last_run()` keeps the text after the last one, so a restart's old lines never mix with the new ones;
+`runs()` splits a whole log at the markers.
 """
 
 from __future__ import annotations
@@ -54,7 +65,21 @@ LOAD_ERROR_RE = re.compile(r"(?:llama_model_load: error loading model: (.+)|erro
 EXIT_LOAD_RE = re.compile(r"exiting due to model loading error")
 READY_RE = re.compile(r"llama_server: model loaded|main: model loaded|server is listening|srv\s+\w+: model loaded")
 LISTEN_RE = re.compile(r"listening on (http://\S+)")
-SLOT_RE = re.compile(r"slot\s+\w+: id\s+(\d+) \| task (-?\d+) \| ")
+SLOT_RE = re.compile(r"slot\s+\w+: id\s+(\d+) \| task (-?\d+) \|(?: |$)")
+# The pre-sync fork's stand-alone timing header: nothing after the second bar.
+TIMING_HEADER_RE = re.compile(r"slot\s+print_timing: id\s+(\d+) \| task (-?\d+) \|\s*$")
+# A task starting to be processed (both dialects and upstream): the request in flight until its timing lines.
+TASK_START_RE = re.compile(r"slot\s+launch_slot_: id\s+(\d+) \| task (\d+) \| processing task")
+TASK_END_RE = re.compile(r"slot\s+(?:release|print_timing): id\s+(\d+) \| task (\d+) \|")
+# A process that dies: ggml's assertion/abort, the C++ runtime, the kernel's signal, the supervisor's exit line.
+ABORT_RE = re.compile(r"GGML_ASSERT\(|GGML_ABORT|ggml_abort|terminate called|Segmentation fault|Aborted|core dumped|"
+                      r"CUDA error: |fatal error|gpubox-supervisor: llama-server exited with status (?!0;)")
+# Not errors: the draft-mtp assistant cannot make a context on its own while -fit measures memory; upstream
+# and the post-sync fork say so with an E line ("this warning is normal during memory fitting").
+BENIGN_RE = re.compile(r"normal during memory fitting|failed to measure draft model memory")
+KV_TYPES_RE = re.compile(r"llama_kv_cache\w*: size =.*K \((\w+)\):.*V \((\w+)\):")
+SHARE_RE = re.compile(r"llama_kv_cache\w*: layer\s+(\d+): sharing with layer\s+(\d+)")
+SPEC_IMPL_RE = re.compile(r"adding speculative implementation '([^']+)'")
 TIMING_RE = re.compile(r"(prompt eval|eval) time =\s*([\d.]+) ms /\s*(\d+) (?:tokens|runs)\s*\(\s*([\d.]+) ms per token,\s*([\d.]+) tokens per second\)")
 TOTAL_RE = re.compile(r"total time =\s*([\d.]+) ms /\s*(\d+) tokens")
 DRAFT_RE = re.compile(r"draft acceptance(?: rate)? =\s*([\d.]+) \(\s*(\d+) accepted /\s*(\d+) generated\)(?:, mean len =\s*([\d.]+))?")
@@ -77,6 +102,8 @@ class ModelBlock:
     kv_buffers: dict[str, float] = field(default_factory=dict)
     compute_buffers: dict[str, float] = field(default_factory=dict)
     overrides: list[dict[str, Any]] = field(default_factory=list)      # -v only
+    kv_types: list[str] = field(default_factory=list)                  # [K, V] of each KV cache line
+    kv_shared: list[tuple[int, int]] = field(default_factory=list)     # draft-mtp: (own layer, target layer)
 
 
 @dataclass
@@ -111,7 +138,10 @@ class Log:
     listening: str = ""
     requests: list[Request] = field(default_factory=list)
     spec_stats: list[dict[str, Any]] = field(default_factory=list)
+    spec_impls: list[str] = field(default_factory=list)                # "draft-mtp", ... (post-sync, upstream)
     memory: list[dict[str, Any]] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)                    # lines saying the process died
+    in_flight: dict[str, int] | None = None                            # {"slot", "task"} started, never finished
     lines: int = 0
 
     def model(self, role: str) -> ModelBlock | None:
@@ -144,25 +174,59 @@ def last_run(text: str) -> str:
     return text[nl + 1:] if nl >= 0 else ""
 
 
+def runs(text: str) -> list[str]:
+    """A log file split at the start markers: one text per start (text before the first marker dropped
+    when there is a marker at all)."""
+    parts = text.split(START_MARKER)
+    if len(parts) == 1:
+        return [text]
+    return [p.split("\n", 1)[1] if "\n" in p else "" for p in parts[1:]]
+
+
 def parse(text: str, *, target_path: str | None = None, draft_path: str | None = None) -> Log:
     """Parse a log. Model blocks get role "target" / "draft" by path when given, else by order."""
     log = Log()
     cur: ModelBlock | None = None
     in_mem = False
     requests: dict[tuple[int, int], Request] = {}
+    header: Request | None = None            # the pre-sync stand-alone `slot print_timing: ... |` request
+    header_fields: set[str] = set()          # which timing lines it has had
+    started: dict[tuple[int, int], bool] = {}
 
-    def req(line: str) -> Request:
-        m = SLOT_RE.search(line)
-        key = (int(m.group(1)), int(m.group(2))) if m else (-1, len(log.requests))
+    def get(key: tuple[int, int]) -> Request:
         if key not in requests:
             requests[key] = Request(slot=key[0], task=key[1])
             log.requests.append(requests[key])
         return requests[key]
 
+    def req(line: str, field_: str) -> Request:
+        nonlocal header, header_fields
+        m = SLOT_RE.search(line)
+        if m:
+            return get((int(m.group(1)), int(m.group(2))))
+        # A bare timing line (pre-sync): the last stand-alone header's request, unless that one already has
+        # this line (then a new request without a header begins).
+        if header is None or field_ in header_fields:
+            header, header_fields = get((-1, len(log.requests))), set()
+        header_fields.add(field_)
+        return header
+
     for raw in text.splitlines():
         log.lines += 1
         line = clean(raw)
         if not line.strip():
+            continue
+        if ABORT_RE.search(line):
+            log.aborts.append(line.strip())
+        m = TASK_START_RE.search(line)
+        if m:
+            started[(int(m.group(1)), int(m.group(2)))] = True
+        m = TASK_END_RE.search(line)
+        if m:
+            started.pop((int(m.group(1)), int(m.group(2))), None)
+        m = TIMING_HEADER_RE.search(line)
+        if m:
+            header, header_fields = get((int(m.group(1)), int(m.group(2)))), set()
             continue
         m = LOADER_RE.search(line)
         if m:
@@ -190,6 +254,14 @@ def parse(text: str, *, target_path: str | None = None, draft_path: str | None =
             m = COMPUTE_BUF_RE.search(line)
             if m:
                 cur.compute_buffers[m.group(1)] = float(m.group(2))
+                continue
+            m = KV_TYPES_RE.search(line)
+            if m:
+                cur.kv_types.append(f"{m.group(1)}/{m.group(2)}")
+                continue
+            m = SHARE_RE.search(line)
+            if m:
+                cur.kv_shared.append((int(m.group(1)), int(m.group(2))))
                 continue
             m = OVERRIDE_RE.search(line)
             if m:
@@ -239,7 +311,7 @@ def parse(text: str, *, target_path: str | None = None, draft_path: str | None =
             log.load_errors.append(line.strip())
             continue
         m = LOAD_ERROR_RE.search(line)
-        if m and not line.startswith("warning"):
+        if m and not line.startswith("warning") and not BENIGN_RE.search(line):
             log.load_errors.append(line.strip())
             continue
         m = LISTEN_RE.search(line)
@@ -248,9 +320,13 @@ def parse(text: str, *, target_path: str | None = None, draft_path: str | None =
         if READY_RE.search(line):
             log.ready = True
             continue
+        m = SPEC_IMPL_RE.search(line)
+        if m:
+            log.spec_impls.append(m.group(1))
+            continue
         m = TIMING_RE.search(line)
         if m:
-            r = req(line)
+            r = req(line, "prompt_n" if m.group(1) == "prompt eval" else "predicted_n")
             if m.group(1) == "prompt eval":
                 r.prompt_ms, r.prompt_n, r.prompt_per_second = float(m.group(2)), int(m.group(3)), float(m.group(5))
             else:
@@ -258,11 +334,11 @@ def parse(text: str, *, target_path: str | None = None, draft_path: str | None =
             continue
         m = TOTAL_RE.search(line)
         if m:
-            req(line).total_ms = float(m.group(1))
+            req(line, "total_ms").total_ms = float(m.group(1))
             continue
         m = DRAFT_RE.search(line)
         if m:
-            r = req(line)
+            r = req(line, "draft_generated")
             r.draft_acceptance = float(m.group(1))
             r.draft_accepted, r.draft_generated = int(m.group(2)), int(m.group(3))
             r.draft_mean_len = float(m.group(4)) if m.group(4) else None
@@ -279,6 +355,9 @@ def parse(text: str, *, target_path: str | None = None, draft_path: str | None =
             log.spec_stats.append(st)
             continue
 
+    if started:
+        slot, task = list(started)[-1]
+        log.in_flight = {"slot": slot, "task": task}
     _assign_roles(log, target_path, draft_path)
     return log
 
@@ -309,12 +388,31 @@ def explain_exit(text: str, n: int = 12) -> list[str]:
         line = clean(raw)
         low = line.lower()
         if (LOAD_ERROR_RE.search(line) or EXIT_LOAD_RE.search(line) or any(p.search(line) for p in OOM_PATTERNS)
-                or CUDA_INIT_FAIL_RE.search(line) or "error" in low or "failed" in low or "abort" in low
-                or "segmentation fault" in low or "invalid argument" in low or "unsupported" in low
+                or CUDA_INIT_FAIL_RE.search(line) or ABORT_RE.search(line) or "error" in low or "failed" in low
+                or "abort" in low or "segmentation fault" in low or "invalid argument" in low or "unsupported" in low
                 or "gpubox-supervisor" in low):
-            if "warning: no usable gpu" in low:
+            if "warning: no usable gpu" in low or BENIGN_RE.search(line):
                 continue
             keep.append(line.strip())
     if not keep:
         keep = [clean(x).strip() for x in text.splitlines() if x.strip()]
+    return keep[-n:]
+
+
+def explain_abort(text: str, n: int = 12) -> list[str]:
+    """The lines of a run that died in the middle of a request: the request that was being processed (its
+    `processing task` line and the slot lines after it), then every line saying the process died. [] when the
+    run shows no abort."""
+    log = parse(text)
+    if not log.aborts:
+        return []
+    keep: list[str] = []
+    task = log.in_flight["task"] if log.in_flight else None
+    for raw in text.splitlines():
+        line = clean(raw).strip()
+        m = TASK_START_RE.search(line)
+        if task is not None and m and int(m.group(2)) == task:
+            keep.append(line)
+        elif line in log.aborts and line not in keep:
+            keep.append(line)
     return keep[-n:]

@@ -124,3 +124,74 @@ def test_real_cpu_log_of_a_failed_load():
     why = logparse.explain_exit(text)
     assert "srv  llama_server: exiting due to model loading error" in why
     assert why[-1].startswith("gpubox-supervisor: llama-server exited with status 1")
+
+
+# --- REAL logs of the fork, from the GPU machine (H200; see tests/data/logs/README.md) ------------------------
+
+def test_real_presync_log_one_request_not_four():
+    """The pre-sync fork prints `slot print_timing: id  0 | task 0 | ` alone and the timing lines bare after it:
+    they are ONE request (the old parser made four of them)."""
+    log = logparse.parse(read("fork-presync-b0e900a-draft-f16.log"))
+    (r,) = log.requests
+    assert (r.slot, r.task) == (0, 0)
+    assert (r.prompt_n, r.prompt_ms, r.prompt_per_second) == (110, 164.41, 669.08)
+    assert (r.predicted_n, r.predicted_ms, r.predicted_per_second, r.total_ms) == (32, 128.07, 249.87, 292.47)
+    assert (r.draft_acceptance, r.draft_accepted, r.draft_generated, r.draft_mean_len) == (0.02083, 1, 48, None)
+    (st,) = log.spec_stats                          # `statistics draft:` follows bare, too
+    assert st["type"] == "draft" and (st["gen_tokens"], st["acc_tokens"]) == (48, 1)
+    assert [m.role for m in log.models] == ["target", "draft"]
+    assert log.target.model_buffers == {"CUDA0": 11.19, "CUDA_Host": 3.15}
+    assert log.draft.model_buffers == {"CUDA0": 2.06} and log.draft.offloaded == (3, 3)
+    assert log.ready and log.in_flight is None and not log.aborts
+
+
+def test_bare_timing_lines_without_a_header_make_one_request_each():
+    lines = [l for l in read("fork-presync-b0e900a-draft-f16.log").splitlines() if "slot print_timing" not in l]
+    text = "\n".join(lines)
+    twice = text + "\n" + "\n".join(l for l in lines if "time =" in l or "draft acceptance" in l)
+    log = logparse.parse(twice)
+    assert [(r.prompt_n, r.predicted_n, r.draft_generated) for r in log.requests] == [(110, 32, 48), (110, 32, 48)]
+
+
+def test_real_postsync_mtp_log_two_requests_and_stats():
+    log = logparse.parse(read("fork-postsync-b10018-mini-gemma4-draft-mtp.log"))
+    assert [(m.role, m.arch) for m in log.models] == [("target", "gemma4"), ("draft", "gemma4-assistant")]
+    assert log.target.model_buffers == {"CPU_Mapped": 0.21, "CUDA0": 14.0}
+    assert log.draft.model_buffers == {"CPU_Mapped": 0.11, "CUDA0": 1.05}
+    assert log.draft.kv_shared == [(1, 5), (0, 4)]  # the head's layers view the target's last full / SWA layers
+    assert log.spec_impls == ["draft-mtp"]
+    r0, r1 = log.requests
+    assert (r0.task, r0.draft_accepted, r0.draft_generated, r0.draft_mean_len) == (0, 35, 35, 3.92)
+    assert (r1.task, r1.prompt_n, r1.predicted_per_second) == (16, 5, 1887.76)
+    assert [s["type"] for s in log.spec_stats] == ["draft-mtp", "draft-mtp"]
+    assert log.spec_stats[-1]["acc_tokens"] == 70 and log.spec_stats[-1]["mean_acc_len"] == 3.92
+    # "Gemma4Assistant requires ctx_other ... (this warning is normal during memory fitting)" is no load error
+    assert log.load_errors == [] and log.ready
+
+
+def test_real_postsync_turbo3_kv_types():
+    log = logparse.parse(read("fork-postsync-b10018-nodraft-turbo3.log"))
+    assert log.target.kv_types == ["turbo3/turbo3"] and log.target.kv_buffers == {"CUDA0": 3.25}
+    (r,) = log.requests
+    assert r.predicted_n == 32 and r.draft_generated is None
+
+
+def test_real_draft_simple_abort_in_the_middle_of_a_request():
+    text = read("fork-postsync-b10018-draft-simple-assert.log")
+    log = logparse.parse(text)
+    assert log.ready and log.requests == []
+    assert log.in_flight == {"slot": 0, "task": 0}
+    (a,) = log.aborts
+    assert "GGML_ASSERT(n_outputs_max <= cparams.n_outputs_max) failed" in a
+    assert logparse.explain_abort(text) == [
+        "slot launch_slot_: id  0 | task 0 | processing task, is_child = 0",
+        "cmd_child_to_router:error:<dir>/llama-context.cpp:2202: GGML_ASSERT(n_outputs_max <= cparams.n_outputs_max) failed"]
+    assert logparse.explain_abort(read("fork-postsync-b10018-nodraft-turbo3.log")) == []
+
+
+def test_runs_split_at_the_start_markers():
+    a, b = read("fork-postsync-b10018-draft-simple-assert.log"), read("fork-postsync-b10018-nodraft-turbo3.log")
+    text = f"{logparse.START_MARKER} 2026 pid 1\n{a}gpubox-supervisor: llama-server exited with status 134; restarting in 5 s\n{b}"
+    r1, r2 = logparse.runs(text)
+    assert logparse.parse(r1).aborts[-1] == "gpubox-supervisor: llama-server exited with status 134; restarting in 5 s"
+    assert logparse.parse(r2).requests and not logparse.parse(r2).aborts
