@@ -37,6 +37,15 @@ SPEC_NAMES = {
     "ngram-map-k4v": ["ngram-map-k4v"], "ngram-mod": ["ngram-mod"],
 }
 
+# Spec types a dialect parses but cannot serve, with the reason (docs/serve-mtp.md, "Known defects").
+BROKEN_SPEC = {
+    ("post-sync", "draft-simple"): (
+        "the post-sync fork (b10018) aborts every request with a plain draft model: the draft context allows one "
+        "output (GGML_ASSERT(n_outputs_max <= cparams.n_outputs_max) in llama-context.cpp), also with the target "
+        "as its own draft, so draft-simple is no fallback there; fix: serve.spec_type=mtp with the assistant head "
+        "(serve.draft_model=assistant), or serve.spec_type=none"),
+}
+
 # Spellings per option, the recipe's first.
 SPELL = {
     "model": ["-m", "--model"],
@@ -149,8 +158,11 @@ def render(serve: dict[str, Any], parsed: dict[str, Any], *, binary: str, model_
         add("draft_model_mtp" if is_mtp else "draft_model", draft_path, "draft_model")
         known = parsed["values"].get("spec_type", [])
         name = next((n for n in SPEC_NAMES.get(spec, [spec]) if n in known), None)
+        broken = BROKEN_SPEC.get((dialect, name))
         if name is None:
             missing("spec_type", spec, f"--spec-type on this binary accepts only: {', '.join(known) or '(no --spec-type)'}")
+        elif broken:
+            problems.append(f"serve.spec_type = {spec!r}: {broken}")
         else:
             if name != spec:
                 notes.append(f"serve.spec_type {spec} is spelled {name} on this binary")

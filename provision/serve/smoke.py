@@ -10,6 +10,12 @@ coreutils is needed on the target (no curl or python in a minimal chroot):
                             why (out of memory, unknown architecture, invalid argument ...), not a timeout.
     smoke(host, ...)        POST /v1/chat/completions with a system and a user message (non-streamed) and
                             reads `timings`: prompt/generation tokens per second, draft_n/draft_n_accepted.
+                            When the server dies in the middle of the request (no response, and the log shows
+                            an assertion/abort), the result says so, with the log lines (read_log given).
+    attach_log(res, log)    adds what the server's log says about the same request: its `draft acceptance =`
+                            line (accepted / generated, mean accepted length) and the latest speculative
+                            `statistics <type>:` line (trace level, -lv 4), so the smoke line shows draft
+                            acceptance from both the response and the log.
 """
 
 from __future__ import annotations
@@ -158,24 +164,67 @@ class SmokeResult:
     draft_acceptance: float | None = None
     model: str = ""
     error: str = ""
+    aborted: bool = False                      # the server died in the middle of this request
+    log_lines: list[str] = field(default_factory=list)
+    # From the server's log (attach_log): the request's `draft acceptance = ...` line and the statistics line.
+    log_draft_accepted: int | None = None
+    log_draft_generated: int | None = None
+    log_draft_acceptance: float | None = None
+    log_draft_mean_len: float | None = None
+    spec_type: str = ""                        # the type named by the statistics line (draft-mtp, draft, ...)
+    spec_acc_tokens: int | None = None         # cumulative over the server's life
+    spec_gen_tokens: int | None = None
 
     def line(self) -> str:
+        if self.aborted:
+            return ("smoke request FAILED: llama-server aborted in the middle of the request; its log:\n"
+                    + "\n".join(f"  log: {l}" for l in self.log_lines))
         if not self.ok:
             return f"smoke request FAILED (HTTP {self.status}): {self.error}"
         s = (f"smoke: prompt {self.prompt_n} tokens at {self.prompt_per_second:.1f} t/s, generation "
              f"{self.predicted_n} tokens at {self.predicted_per_second:.1f} t/s")
-        if self.draft_n:
-            s += f", draft acceptance {self.draft_n_accepted}/{self.draft_n} = {self.draft_acceptance:.1%}"
+        if self.draft_n is not None:
+            s += (f", draft acceptance {self.draft_n_accepted}/{self.draft_n} = {self.draft_acceptance:.1%}"
+                  " (timings)")
+        if self.log_draft_generated is not None:
+            s += (f", log: draft acceptance = {self.log_draft_acceptance:.5f} ({self.log_draft_accepted} accepted / "
+                  f"{self.log_draft_generated} generated)")
+            if self.log_draft_mean_len is not None:
+                s += f", mean len {self.log_draft_mean_len:.2f}"
+        if self.spec_type:
+            s += f", statistics {self.spec_type}: {self.spec_acc_tokens}/{self.spec_gen_tokens} tokens accepted"
+        if self.draft_n is None and self.log_draft_generated is None and not self.spec_type:
+            s += ", no drafting"
         return s + f"; reply: {self.reply[:60]!r}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def smoke(host, serve: dict, *, max_tokens: int = SMOKE_MAX_TOKENS, timeout: int = 120) -> SmokeResult:
+def aborted_run(text: str, last: int = 2) -> list[str]:
+    """The abort lines of the latest run that died in the middle of a request, among the last `last` runs of a
+    whole log file (the supervisor may have restarted the server already: then the aborted run is the one
+    before the last start marker). [] when none did."""
+    for run in reversed(logparse.runs(text)[-last:]):
+        lines = logparse.explain_abort(run)
+        if lines:
+            return lines
+    return []
+
+
+def smoke(host, serve: dict, *, max_tokens: int = SMOKE_MAX_TOKENS, timeout: int = 120,
+          read_log: Callable[[], str] | None = None, settle: float = 1.0) -> SmokeResult:
+    """The smoke request. read_log (the whole log file, all runs) lets a failed request be explained: a server
+    that died while answering is reported as aborted, with its log lines."""
     payload = {"messages": SMOKE_MESSAGES, "max_tokens": max_tokens, "stream": False}
     r = http(host, serve, "POST", "/v1/chat/completions", payload, timeout=timeout)
     if r.status != 200:
+        if r.status == 0 and read_log is not None:
+            time.sleep(settle)                  # the dying process's last lines reach the log
+            lines = aborted_run(read_log())
+            if lines:
+                return SmokeResult(False, 0, aborted=True, log_lines=lines,
+                                   error="llama-server aborted in the middle of the request")
         return SmokeResult(False, r.status, error=r.body[:300])
     try:
         d = r.json()
@@ -190,6 +239,19 @@ def smoke(host, serve: dict, *, max_tokens: int = SMOKE_MAX_TOKENS, timeout: int
         return res
     except (ValueError, KeyError, IndexError, TypeError) as e:
         return SmokeResult(False, r.status, error=f"unexpected response ({e}): {r.body[:300]}")
+
+
+def attach_log(res: SmokeResult, log: logparse.Log) -> SmokeResult:
+    """What the log says about the smoke request (its last request) and the latest statistics line."""
+    if log.requests:
+        q = log.requests[-1]
+        if q.draft_generated is not None:
+            res.log_draft_accepted, res.log_draft_generated = q.draft_accepted, q.draft_generated
+            res.log_draft_acceptance, res.log_draft_mean_len = q.draft_acceptance, q.draft_mean_len
+    if log.spec_stats:
+        st = log.spec_stats[-1]
+        res.spec_type, res.spec_acc_tokens, res.spec_gen_tokens = st["type"], st.get("acc_tokens"), st.get("gen_tokens")
+    return res
 
 
 def models(host, serve: dict) -> list[str]:

@@ -38,15 +38,19 @@ def _save(cfg: dict, host: Host, name: str, data: dict) -> Path:
 
 
 def prove(host: Host, cfg: dict, facts: dict, echo=print) -> dict:
-    """The smoke request, then the log parsed for the same run. Raises Exit(1) when the request fails."""
-    res = smoke.smoke(host, cfg["serve"])
-    echo(res.line())
+    """The smoke request, then the log parsed for the same run. Raises Exit(1) when the request fails (a server
+    that aborted in the middle of it is reported as such, with its log lines)."""
+    res = smoke.smoke(host, cfg["serve"], read_log=lambda: service.read_log(host, cfg, facts, last=False))
     model, draft = step.model_paths(cfg, facts.get("home") if isinstance(facts.get("home"), str) else "")
-    log = logparse.parse(service.read_log(host, cfg, facts), target_path=model, draft_path=draft or None)
+    text = service.read_log(host, cfg, facts)
+    log = logparse.parse(text, target_path=model, draft_path=draft or None)
+    if res.ok:
+        smoke.attach_log(res, log)
+    echo(res.line())
     for mb in log.models:
         bufs = ", ".join(f"{k} {v:.2f} MiB" for k, v in mb.model_buffers.items()) or "no load_tensors lines"
         off = f", offloaded {mb.offloaded[0]}/{mb.offloaded[1]} layers" if mb.offloaded else ""
-        echo(f"log: {mb.role} {mb.path}: {bufs}{off}")
+        echo(f"log: {mb.role} {mb.path} ({mb.arch or '?'}): {bufs}{off}")
     if log.requests:
         r = log.requests[-1]
         echo(f"log: last request: prompt {r.prompt_n} tokens {r.prompt_per_second:.1f} t/s, "
@@ -55,6 +59,9 @@ def prove(host: Host, cfg: dict, facts: dict, echo=print) -> dict:
     data = {"smoke": res.to_dict(), "log": log.to_dict()}
     path = _save(cfg, host, "serve-proof", data)
     echo(f"proof: {path}")
+    if res.aborted:
+        raise Exit("serve: llama-server aborted in the middle of the smoke request (log lines above); "
+                   "`invoke doctor` names the fix", code=1)
     if not res.ok:
         raise Exit("serve: the smoke request failed; see `invoke doctor` and `invoke serve.logs`", code=1)
     return data

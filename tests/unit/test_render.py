@@ -164,3 +164,36 @@ class TestUpstream:
         cfg["serve"]["mlock"] = False
         assert "--load-mode" not in dict(render.render(cfg["serve"], up, binary="x", model_path=MODEL,
                                                        draft_path=ASSISTANT).pairs)
+
+
+@pytest.mark.parametrize("spec", ["draft-simple", "draft"])
+def test_post_sync_refuses_a_plain_draft_with_the_reason(cfg, post, spec):
+    """The post-sync fork aborts every request with --spec-type draft-simple (tests/data/logs/
+    fork-postsync-b10018-draft-simple-assert.log): refused before launch, the reason and the fix named."""
+    cfg["serve"]["spec_type"] = spec
+    with pytest.raises(render.RenderError) as e:
+        render.render(cfg["serve"], post, binary="/b/llama-server", model_path=MODEL, draft_path=ASSISTANT)
+    msg = str(e.value)
+    assert f"serve.spec_type = {spec!r}" in msg and "aborts every request" in msg
+    assert "GGML_ASSERT(n_outputs_max <= cparams.n_outputs_max)" in msg and "serve.spec_type=mtp" in msg
+    assert "post-sync" in msg
+
+
+def test_plain_draft_still_renders_where_it_works(cfg, pre):
+    cfg["serve"]["spec_type"] = "draft"
+    p = dict(render.render(cfg["serve"], pre, binary="x", model_path=MODEL, draft_path=ASSISTANT).pairs)
+    assert p["--spec-type"] == "draft" and p["--model-draft"] == ASSISTANT
+
+
+@pytest.mark.skipif(not UPSTREAM, reason="no upstream help recorded in tests/data/help")
+def test_upstream_draft_mtp_with_f16_caches_as_the_sandbox_serves(cfg):
+    up = helptext.load(UPSTREAM[0])
+    for k in ("cache_type_k", "cache_type_v", "cache_type_k_draft", "cache_type_v_draft"):
+        cfg["serve"][k] = "f16"
+    cfg["serve"]["override_tensor_draft"] = []
+    r = render.render(cfg["serve"], up, binary="x", model_path=MODEL, draft_path=ASSISTANT)
+    p = dict(r.pairs)
+    assert p["--spec-type"] == "draft-mtp" and p["--spec-draft-model"] == ASSISTANT
+    cfg["serve"]["spec_type"] = "draft-simple"                  # upstream serves a plain draft: not refused
+    assert dict(render.render(cfg["serve"], up, binary="x", model_path=MODEL, draft_path=ASSISTANT).pairs)[
+        "--spec-type"] == "draft-simple"
