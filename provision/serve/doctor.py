@@ -3,9 +3,9 @@
     findings = diagnose(logparse.parse(text), serve=cfg["serve"], dialect="pre-sync", facts=facts)
 
 Each finding: severity (error / warning / info), code, title, detail, fix, evidence (log lines).
-Rules (docs/fork.md, docs/tuning.md):
-  - draft-embedding-on-cpu: the assistant's load_tensors block has a host model buffer (CPU, CPU_Mapped or, with
-    mmap off, CUDA_Host) while the log shows a GPU:
+Rules (docs/fork.md, docs/tuning.md, docs/serve-mtp.md):
+  - draft-embedding-on-cpu: the assistant's load_tensors block has host model buffers (CPU, CPU_Mapped,
+    CUDA_Host) that hold its LM head while the log shows a GPU (embedding_on_host: per head format):
     its token embedding / tied LM head stays in system RAM and every draft step streams it over PCIe.
     Pre-sync remedy: --override-tensor-draft "token_embd\\.weight=CUDA0" (serve.override_tensor_draft).
   - oom-at-load: cudaMalloc / alloc_tensor_range / "unable to allocate CUDA0 buffer" -> raise serve.n_cpu_moe or
@@ -13,7 +13,10 @@ Rules (docs/fork.md, docs/tuning.md):
   - oom-kv / oom-runtime: KV-cache allocation failed; CUDA OOM during generation.
   - mlock-failed: the memlock limit (RLIMIT_MEMLOCK) is too low for --mlock.
   - gpu-not-visible: CUDA init failed, or a CUDA run found no device -> driver/reboot state (step 1).
-  - layers-not-offloaded, flash-attn-fallback, load-error, draft-acceptance.
+  - server-aborted: the process died in the middle of a request (GGML_ASSERT / abort / segfault), with the
+    request that was in flight; the post-sync fork's draft-simple assertion gets its own fix.
+  - layers-not-offloaded, flash-attn-fallback, load-error, draft-acceptance (per-request lines, and the
+    speculative statistics line of the trace level).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .logparse import Log
+
+# The post-sync fork's plain-draft defect (docs/serve-mtp.md): the draft context allows one output.
+N_OUTPUTS_ASSERT = "n_outputs_max <= cparams.n_outputs_max"
 
 OVERRIDE = r"token_embd\.weight=CUDA0"
 HOST_BUFFERS = ("CPU", "CPU_Mapped", "CPU_REPACK", "CUDA_Host")
@@ -59,8 +65,54 @@ def _gpu_seen(log: Log) -> bool:
                for m in log.models for b in list(m.model_buffers) + list(m.kv_buffers))
 
 
+MIB = 1 << 20
+
+
+def embedding_on_host(draft, *, dialect: str, head: dict[str, Any] | None = None) -> tuple[dict[str, float], str]:
+    """The host model buffers of the assistant's load_tensors block that mean its LM head is not on the GPU,
+    and why ({} when none). `head` is the assistant's GGUF header summary (provision.tune.ggufhead), which
+    gives the size of its token_embd.
+
+    - pre-sync head (gemma4_assistant): token_embd IS the LM head (no output copy), and the loader keeps it in a
+      `CPU` buffer unless -otd moves it; the small CUDA_Host buffer that stays with the override is the
+      layer-input pre_projection. Host buffers holding at least token_embd's size (header known), else any
+      CPU/CPU_Mapped buffer, are the finding.
+    - post-sync / upstream head (gemma4-assistant): the LM head is a separate output copy that follows -ngld;
+      the input copy of token_embd stays on the host and is never read (tokens come from the target's
+      embedding). Host buffers larger than that one copy (header known), else larger than the head's GPU
+      buffers, are the finding.
+    - any other draft model (a plain draft): every host buffer (the old rule).
+    Sizes: docs/serve-mtp.md ("Where the head's weights land")."""
+    host = {k: v for k, v in draft.model_buffers.items() if k in HOST_BUFFERS}
+    if not host:
+        return {}, ""
+    total = sum(host.values())
+    embd = None
+    if head and isinstance(head.get("other_bytes"), dict) and head["other_bytes"].get("token_embd.weight"):
+        embd = head["other_bytes"]["token_embd.weight"] / MIB
+    gpu = sum(v for k, v in draft.model_buffers.items() if k not in HOST_BUFFERS)
+    if draft.arch == "gemma4_assistant" or (dialect == "pre-sync" and draft.arch != "gemma4-assistant"):
+        if embd is not None:
+            if total + 0.01 >= embd:
+                return host, f"its token_embd ({embd:.2f} MiB) is the LM head and fits only in the host buffers"
+            return {}, ""
+        cpu = {k: v for k, v in host.items() if k in ("CPU", "CPU_Mapped")}
+        return (cpu, "the pre-sync loader keeps token_embd (the LM head) in a CPU buffer") if cpu else ({}, "")
+    if draft.arch == "gemma4-assistant":
+        if embd is not None:
+            if total > embd * 1.01 + 0.01:
+                return host, (f"more than the unused input copy of token_embd ({embd:.2f} MiB) is on the host: "
+                              "the output copy (the LM head) is not on the GPU")
+            return {}, ""
+        if total > gpu:
+            return host, "the head's host buffers are larger than its GPU buffers: the output copy is not on the GPU"
+        return {}, ""
+    return host, "a draft model's weights on the host"
+
+
 def diagnose(log: Log, *, serve: dict[str, Any] | None = None, dialect: str = "unknown",
-             facts: dict[str, Any] | None = None, expect_gpu: bool | None = None) -> list[Finding]:
+             facts: dict[str, Any] | None = None, expect_gpu: bool | None = None,
+             head: dict[str, Any] | None = None) -> list[Finding]:
     serve = serve or {}
     facts = facts or {}
     out: list[Finding] = []
@@ -129,9 +181,7 @@ def diagnose(log: Log, *, serve: dict[str, Any] | None = None, dialect: str = "u
     # --- assistant embedding on the CPU -------------------------------------------------------------------
     draft = log.draft
     if draft and gpu:
-        # Host-side buffers: CPU / CPU_Mapped (mmap), and CUDA_Host (pinned host memory: what CPU-resident
-        # weights land in when mmap is off, as with --no-mmap / --load-mode none; seen on the GPU machine).
-        cpu_bufs = {k: v for k, v in draft.model_buffers.items() if k in HOST_BUFFERS}
+        cpu_bufs, why = embedding_on_host(draft, dialect=dialect, head=head)
         if cpu_bufs:
             where = ", ".join(f"{k} {v:.2f} MiB" for k, v in cpu_bufs.items())
             ev = [f"load_tensors: {k} model buffer size = {v:.2f} MiB" for k, v in cpu_bufs.items()]
@@ -146,7 +196,7 @@ def diagnose(log: Log, *, serve: dict[str, Any] | None = None, dialect: str = "u
             out.append(Finding(
                 "warning", "draft-embedding-on-cpu",
                 f"the assistant ({draft.path}) has a host (CPU-side) model buffer ({where}): its token embedding / LM head is not on the GPU",
-                "every draft step then streams the embedding/LM head over PCIe, which eats the MTP speed-up",
+                "every draft step then streams the embedding/LM head over PCIe, which eats the MTP speed-up; " + why,
                 fix, ev))
 
     # --- mlock --------------------------------------------------------------------------------------------
@@ -180,11 +230,35 @@ def diagnose(log: Log, *, serve: dict[str, Any] | None = None, dialect: str = "u
         out.append(Finding("error", "load-error", "the server failed to load a model", hint,
                            hint or "read the evidence lines; check the model paths and files (invoke models)",
                            other_errors[:6]))
+    # --- a request that killed the server -----------------------------------------------------------------
+    if log.aborts:
+        task = f"task {log.in_flight['task']} (slot {log.in_flight['slot']})" if log.in_flight else "a request"
+        ev = ([f"slot launch_slot_: id {log.in_flight['slot']} | task {log.in_flight['task']} | processing task"]
+              if log.in_flight else []) + log.aborts[:5]
+        spec = str(serve.get("spec_type") or "")
+        if any(N_OUTPUTS_ASSERT in a for a in log.aborts):
+            fix = ("the post-sync fork aborts every request with --spec-type draft-simple (the draft context allows "
+                   "one output); serve with the MTP head: serve.spec_type=mtp serve.draft_model=assistant, or "
+                   "serve.spec_type=none (gpubox refuses draft-simple for this dialect before launch)")
+            detail = (f"{task} was being processed when llama-server hit an assertion in llama-context.cpp"
+                      + (f" (serve.spec_type={spec})" if spec else ""))
+        else:
+            fix = ("read the evidence lines (`invoke serve.logs --all`); an abort while generating is a bug or an "
+                   "out-of-memory in the binary: try serve.spec_type=none, a smaller serve.ctx_size, or a higher "
+                   "serve.n_cpu_moe")
+            detail = f"{task} was being processed when llama-server died"
+        out.append(Finding("error", "server-aborted", "llama-server aborted in the middle of a request", detail, fix, ev))
+
     drafted = [r for r in log.requests if r.draft_generated]
     if drafted:
         acc = sum(r.draft_accepted or 0 for r in drafted) / max(1, sum(r.draft_generated or 0 for r in drafted))
+        detail = "from the per-request `draft acceptance` lines"
+        if log.spec_stats:
+            st = log.spec_stats[-1]
+            detail += (f"; statistics {st['type']}: {st.get('acc_tokens', 0)} of {st.get('gen_tokens', 0)} drafted "
+                       f"tokens accepted over {st.get('calls_draft', 0)} draft calls")
         out.append(Finding("info", "draft-acceptance", f"draft acceptance {acc:.1%} over {len(drafted)} request(s)",
-                           "from the per-request `draft acceptance` lines"))
+                           detail))
     return out
 
 

@@ -93,3 +93,87 @@ def test_real_gpu_log_with_the_remedy_has_no_finding():
     assert log.draft.model_buffers == {"CUDA0": 2.06}
     codes = {x.code for x in doctor.diagnose(log, serve=SERVE, dialect="upstream")}
     assert "draft-embedding-on-cpu" not in codes and "gpu-not-visible" not in codes
+
+
+# --- REAL logs of the fork (H200, gpubox's own build step; tests/data/logs/README.md) -----------------------
+
+def _with_draft_buffers(text: str, lines: list[str]) -> str:
+    """The real pre-sync log with the draft's one load_tensors buffer line replaced by `lines` (the recipe's real
+    assistant buffers, gemma4.md-sized): the format stays the real pre-sync one, only the numbers change."""
+    draft_at = text.index("tiny-draft.gguf")      # `loading draft model '...'`: the draft's block follows
+    head, tail = text[:draft_at], text[draft_at:]
+    old = "load_tensors:        CUDA0 model buffer size =     2.06 MiB\n"
+    assert old in tail
+    return head + tail.replace(old, "".join(l + "\n" for l in lines), 1)
+
+
+PRESYNC = (LOGS / "fork-presync-b0e900a-draft-f16.log").read_text()
+# What the recipe's assistant printed (pre-sync, GTX 1080; docs/serve-mtp.md): token_embd Q6_K in CPU,
+# pre_projection in CUDA_Host. With the override, token_embd's 210 MiB move to CUDA0 (82.24 + 210, derived).
+RECIPE_HEAD_NO_OTD = ["load_tensors:          CPU model buffer size =   210.00 MiB",
+                      "load_tensors:    CUDA_Host model buffer size =     3.09 MiB",
+                      "load_tensors:        CUDA0 model buffer size =    82.24 MiB"]
+RECIPE_HEAD_OTD = ["load_tensors:    CUDA_Host model buffer size =     3.09 MiB",
+                   "load_tensors:        CUDA0 model buffer size =   292.24 MiB"]
+HEAD_SUMMARY = {"arch": "gemma4_assistant", "other_bytes": {"token_embd.weight": 210 * 1048576}}
+
+
+def test_real_presync_format_embedding_on_host_without_override():
+    log = logparse.parse(_with_draft_buffers(PRESYNC, RECIPE_HEAD_NO_OTD))
+    assert len(log.requests) == 1
+    for head in (None, HEAD_SUMMARY):             # with and without the head's GGUF header
+        f = {x.code: x for x in doctor.diagnose(log, serve=SERVE, dialect="pre-sync", head=head)}["draft-embedding-on-cpu"]
+        assert "CPU 210.00 MiB" in f.title and "tiny-draft.gguf" in f.title
+        assert '--override-tensor-draft "token_embd\\.weight=CUDA0"' in f.fix
+
+
+def test_real_presync_format_with_override_has_no_finding():
+    """With -otd token_embd=CUDA0 only the layer-input pre_projection stays in CUDA_Host: not the embedding."""
+    log = logparse.parse(_with_draft_buffers(PRESYNC, RECIPE_HEAD_OTD))
+    for head in (None, HEAD_SUMMARY):
+        codes = {x.code for x in doctor.diagnose(log, serve=SERVE, dialect="pre-sync", head=head)}
+        assert "draft-embedding-on-cpu" not in codes
+
+
+def test_real_presync_log_acceptance_from_one_request():
+    codes = {x.code: x for x in doctor.diagnose(logparse.parse(PRESYNC), serve=SERVE, dialect="pre-sync")}
+    assert "draft-embedding-on-cpu" not in codes                   # the real tiny draft: all on CUDA0
+    a = codes["draft-acceptance"]
+    assert a.title == "draft acceptance 2.1% over 1 request(s)"     # 1 of 48, one request (not four)
+    assert "statistics draft: 1 of 48 drafted tokens accepted over 29 draft calls" in a.detail
+
+
+def test_real_postsync_mtp_log_healthy():
+    """The mini Gemma 4 pair on the post-sync fork: small CPU_Mapped pieces (the unused input copy of token_embd)
+    are no finding; acceptance from both requests and the draft-mtp statistics line."""
+    log = logparse.parse((LOGS / "fork-postsync-b10018-mini-gemma4-draft-mtp.log").read_text())
+    head = {"arch": "gemma4-assistant", "other_bytes": {"token_embd.weight": 438 * 128 * 2}}
+    for h in (None, head):
+        codes = {x.code: x for x in doctor.diagnose(log, serve=SERVE, dialect="post-sync", head=h)}
+        assert set(codes) == {"draft-acceptance"}, doctor.summary(list(codes.values()))
+    assert codes["draft-acceptance"].title == "draft acceptance 100.0% over 2 request(s)"
+    assert "statistics draft-mtp: 70 of 70" in codes["draft-acceptance"].detail
+
+
+def test_postsync_head_output_copy_on_host_is_a_finding():
+    text = (LOGS / "fork-postsync-b10018-mini-gemma4-draft-mtp.log").read_text()
+    text = text.replace("load_tensors:   CPU_Mapped model buffer size =     0.11 MiB",
+                        "load_tensors:   CPU_Mapped model buffer size =     0.33 MiB")
+    head = {"arch": "gemma4-assistant", "other_bytes": {"token_embd.weight": 438 * 128 * 2}}
+    f = {x.code: x for x in doctor.diagnose(logparse.parse(text), serve=SERVE, dialect="post-sync", head=head)}
+    assert "-ngld" in f["draft-embedding-on-cpu"].fix
+
+
+def test_real_draft_simple_abort():
+    log = logparse.parse((LOGS / "fork-postsync-b10018-draft-simple-assert.log").read_text())
+    f = {x.code: x for x in doctor.diagnose(log, serve=dict(SERVE, spec_type="draft-simple"), dialect="post-sync")}
+    a = f["server-aborted"]
+    assert a.severity == "error" and "task 0 (slot 0)" in a.detail
+    assert "serve.spec_type=mtp" in a.fix and "draft-simple" in a.fix
+    assert any("GGML_ASSERT(n_outputs_max <= cparams.n_outputs_max)" in e for e in a.evidence)
+    assert a.evidence[0].startswith("slot launch_slot_: id 0 | task 0")
+
+
+def test_real_postsync_nodraft_turbo3_healthy():
+    log = logparse.parse((LOGS / "fork-postsync-b10018-nodraft-turbo3.log").read_text())
+    assert doctor.diagnose(log, serve=SERVE, dialect="post-sync") == []
