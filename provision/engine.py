@@ -172,6 +172,13 @@ class Runner:
         report = Report(host=self.host.name, started=stamp, mode="plan" if self.plan else "provision")
         logdir = self.report_dir / f"{self.host.name}-{stamp}"
         facts = self.gather()
+        # `~/` paths mean the target user's home: resolved once, so every check, change and command of
+        # the steps sees absolute paths (config.on_target; a ConfigError when the home is unknown).
+        # A plan on a target whose home could not be read keeps them as written (it changes nothing).
+        from .config import on_target
+        home = facts.get("home")
+        if not (self.plan and not (isinstance(home, str) and home.startswith("/"))):
+            self.cfg = on_target(self.cfg, home)
         os_ = facts.get("os")
         report.os = f"{os_.get('pretty')} ({os_.get('id')} {os_.get('version')})" if isinstance(os_, dict) else "unknown"
         if not factmod.is_fedora(facts):
@@ -245,6 +252,27 @@ class Runner:
         self.report_dir.mkdir(parents=True, exist_ok=True)
         path = self.report_dir / f"{report.host}-{report.started}-{report.mode}.json"
         report.path = str(path)
-        path.write_text(report.to_json())
-        latest = self.report_dir / f"{report.host}-latest.json"
-        latest.write_text(report.to_json())
+        text = report.to_json()
+        write_atomic(path, text)
+        write_atomic(self.report_dir / f"{report.host}-latest.json", text)
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write a controller-side file whole or not at all: a unique temp file beside it (O_EXCL), fsync,
+    rename. A run killed mid-write leaves the old report (and at most a hidden temp file), never half a one."""
+    import tempfile
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

@@ -15,7 +15,7 @@ from pathlib import Path
 from invoke import Exit
 
 from . import config, resources
-from .engine import Runner
+from .engine import Runner, write_atomic
 from .host import Host
 from .steps import BY_NAME, STEPS
 
@@ -37,7 +37,10 @@ def run_steps(c, names, *, plan=False, only=None, skip=None, sets=()):
         raise Exit(str(e), code=config.EXIT_CONFIG)
     steps = [BY_NAME[n] for n in names]
     skipped = [n for n in names if n not in chosen]
-    report = Runner(Host(c), cfg, steps, plan=plan).run(skipped=skipped)
+    try:
+        report = Runner(Host(c), cfg, steps, plan=plan).run(skipped=skipped)
+    except config.ConfigError as e:   # a ~/ path that does not resolve on this target
+        raise Exit(str(e), code=config.EXIT_CONFIG)
     print(report.table())
     if report.failed:
         raise Exit(code=1)
@@ -61,7 +64,12 @@ def undo(c, step: str, sets=()) -> None:
                    code=config.EXIT_CONFIG)
     host = Host(c)
     from . import facts as factmod
-    done = mod.undo(host, factmod.gather(host, cfg, [mod]), cfg) or []
+    facts = factmod.gather(host, cfg, [mod])
+    try:
+        cfg = config.on_target(cfg, facts.get("home"))
+    except config.ConfigError as e:
+        raise Exit(str(e), code=config.EXIT_CONFIG)
+    done = mod.undo(host, facts, cfg) or []
     print(f"undo {step}: " + ("; ".join(done) if done else "nothing to undo"))
 
 
@@ -71,7 +79,7 @@ def verify(c, sets=(), deep=False) -> None:
     host = getattr(c, "host", None)
     cfgfile = Path(os.path.expanduser(cfg["report_dir"])) / "verify-config.json"
     cfgfile.parent.mkdir(parents=True, exist_ok=True)
-    cfgfile.write_text(json.dumps(cfg))
+    write_atomic(cfgfile, json.dumps(cfg))
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(resources.VERIFY)]
     if host:
         user = getattr(c, "user", None)
@@ -94,10 +102,17 @@ def show_report(c, sets=()) -> None:
     path = Path(os.path.expanduser(cfg["report_dir"])) / f"{host}-latest.json"
     if not path.exists():
         raise Exit(f"report: no run recorded for {host} yet ({path}); run `plan` or `provision` first", code=1)
-    data = json.loads(path.read_text())
-    print(f"gpubox {data['mode']} on {data['host']} at {data['started']} ({data['seconds']:.2f}s)")
-    for s in data["steps"]:
-        print(f"  {s['name']:<9} {s['status']:<12} {s['seconds']:6.2f}s  " + "; ".join(c['what'] for c in s["changes"]))
-        for a in s["attention"]:
+    try:
+        data = json.loads(path.read_text())
+        steps = [(s["name"], s["status"], float(s["seconds"]), [str(x["what"]) for x in s["changes"]],
+                  [str(a) for a in s["attention"]]) for s in data["steps"]]
+        head = f"gpubox {data['mode']} on {data['host']} at {data['started']} ({float(data['seconds']):.2f}s)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise Exit(f"report: {path} is not a gpubox run report ({type(e).__name__}: {e}); run `plan` "
+                   "to write a new one", code=1)
+    print(head)
+    for name, status, secs, changes, attention in steps:
+        print(f"  {name:<9} {status:<12} {secs:6.2f}s  " + "; ".join(changes))
+        for a in attention:
             print(f"            ! {a}")
     print(f"report: {path}")

@@ -22,6 +22,11 @@ from .serve import tasks as serve_tasks
 from .steps import STEPS
 from .tune import tasks as tune_tasks
 
+# Invoke reads the project's invoke.yaml (and -f FILE) after importing the tasks; the installed `gpubox`
+# imports this module before it reads any file. With gpubox's bounded loader a malformed or oversized
+# config file is exit status 2 of the task, not a traceback (docs/config.md).
+config.install_file_loader()
+
 HELP = {
     "only": "comma-separated steps to run (" + ",".join(m.NAME for m in STEPS) + ")",
     "skip": "comma-separated steps to skip",
@@ -80,4 +85,6 @@ ns = Collection(plan, provision, *STEP_TASKS, verify, report, undo)
 ns.add_collection(serve_tasks.ns)   # serve, serve.start|stop|status|logs
 ns.add_task(serve_tasks.doctor)       # doctor
 ns.add_task(tune_tasks.tune)          # tune
-ns.configure(config.defaults())
+# No `gpubox` defaults for Invoke: its environment loader would cast INVOKE_GPUBOX_* by their types ("false"
+# -> True, "abc" -> a traceback) and its merge refuses a file's `gpubox: [..]` over a mapping (a traceback);
+# config.load layers defaults.yaml, the files, the environment and --set itself (docs/config.md).

@@ -31,6 +31,8 @@ def mock_context(fact_blocks: dict[str, Any], responses: dict[str, Any] | None =
     """A MockContext answering the fact script with `fact_blocks` and other commands from `responses`
     ({regex or exact command: Result/str/bool}). Any other command raises NotImplementedError, so a test
     sees every command a decision emits."""
+    # The target user's home, unless the test says otherwise (the runner resolves ~/ paths against it).
+    fact_blocks = {"home": "/root", **fact_blocks}
     run: dict[Any, Any] = {re.compile(r"^bash -c .*@@fact", re.S): Result(stdout=facts_stdout(fact_blocks))}
     for k, v in (responses or {}).items():
         run[k] = v

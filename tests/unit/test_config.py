@@ -37,7 +37,7 @@ def test_explicit_sha_overrides_profile():
 
 # (--set override, key named in the error, words of what is allowed)
 BAD = [
-    ("serve.n_cpu_moe=-1", "serve.n_cpu_moe", "integer >= 0"),
+    ("serve.n_cpu_moe=-1", "serve.n_cpu_moe", "integer between 0 and 1000"),
     ("serve.n_gpu_layers=lots", "serve.n_gpu_layers", "integer"),
     ("models.files.model.sha256=abc123", "models.files.model.sha256", "64 lowercase hex"),
     ("serve.cache_type_k=turbo9", "serve.cache_type_k", "one of: f32"),
@@ -47,7 +47,7 @@ BAD = [
     ("build.fallback_architectures=native", "build.fallback_architectures", "explicit numbers"),
     ("build.sha=main", "build.sha", "40-hex"),
     ("build.profile=nightly", "build.profile", "one of: recipe, current"),
-    ("serve.ctx_size=0", "serve.ctx_size", "integer >= 1"),
+    ("serve.ctx_size=0", "serve.ctx_size", "integer between 1 and 16777216"),
     ("serve.port=70000", "serve.port", "between 1 and 65535"),
     ("serve.flash_attn=yes", "serve.flash_attn", "one of: on, off, auto"),
     ("cuda.packages=[cuda-nvcc-12-9, cuda]", "cuda.packages", "pulls NVIDIA's driver"),
@@ -72,7 +72,7 @@ def test_bad_value_names_key_value_and_allowed(override, key, allowed):
 
 
 def test_unknown_set_key_is_an_error():
-    with pytest.raises(config.ConfigError, match="unknown key 'jbos'"):
+    with pytest.raises(config.ConfigError, match="unknown key 'jbos' in build; did you mean build.jobs"):
         config.apply_sets(cfg(), ["build.jbos=3"])
     with pytest.raises(config.ConfigError, match="expected KEY=VALUE"):
         config.apply_sets(cfg(), ["build.jobs"])
@@ -131,3 +131,173 @@ def test_env_var_layer(monkeypatch):
     c.load_collection(tasks.ns.configuration())
     c.load_shell_env()
     assert config.load(MockContext(config=c))["build"]["jobs"] == 5
+
+
+# --- one list of keys: defaults.yaml and the schema ------------------------------------------------------
+
+def _schema_keys(model, prefix=""):
+    from provision import schema
+    out = set()
+    for name, f in model.model_fields.items():
+        key = prefix + name
+        sub = schema.model_at(tuple(key.split(".")))
+        if schema.is_model(sub):
+            out |= _schema_keys(schema._bare(sub), key + ".")
+        elif schema.is_map(sub):
+            out.add(key + ".*")
+        else:
+            out.add(key)
+    return out
+
+
+def _defaults_keys(d, prefix=""):
+    out = set()
+    for k, v in d.items():
+        key = prefix + k
+        if key in ("build.profiles", "models.files"):
+            names = {n for e in v.values() for n in _defaults_keys(e)}
+            out.add(key + ".*")
+            out |= {f"{key}.*.{n}" for n in names}
+        elif isinstance(v, dict):
+            out |= _defaults_keys(v, key + ".")
+        else:
+            out.add(key)
+    return out
+
+
+def test_every_defaults_key_is_in_the_schema_and_back():
+    from provision import schema
+    have = _defaults_keys(cfg())
+    want = _schema_keys(schema.Gpubox)
+    for m, key in ((schema.Profile, "build.profiles.*"), (schema.ModelFile, "models.files.*")):
+        want |= {f"{key}.{n}" for n in m.model_fields}
+    assert have == want, (sorted(have - want), sorted(want - have))
+    # and every entry of the two maps carries every key (the schema has no defaults of its own)
+    for e in list(cfg()["build"]["profiles"].values()) + list(cfg()["models"]["files"].values()):
+        assert set(e) in (set(schema.Profile.model_fields), set(schema.ModelFile.model_fields))
+
+
+def test_the_schema_has_no_defaults_and_forbids_extra():
+    from provision import schema
+    for m in (schema.Gpubox, schema.Driver, schema.Cuda, schema.Compiler, schema.Patch, schema.Build,
+              schema.Profile, schema.ModelFile, schema.Models, schema.Serve, schema.Tune):
+        assert m.model_config["extra"] == "forbid" and m.model_config["strict"] is True
+        assert all(f.is_required() for f in m.model_fields.values()), m
+
+
+def test_target_path_keys_are_all_the_path_keys():
+    """on_target resolves every path the target uses; a new path key must be listed there."""
+    from provision import schema
+    paths = set()
+    for key in _schema_keys(schema.Gpubox):
+        *head, name = key.split(".")
+        model = schema._bare(schema.model_at(tuple(head))) if head else schema.Gpubox
+        f = model.model_fields.get(name) if schema.is_model(model) else None
+        if f is not None and any(getattr(getattr(m, "func", None), "is_path", False) for m in f.metadata):
+            paths.add(tuple(key.split(".")))
+    assert paths == set(config.TARGET_PATHS) | set(config.CONTROLLER_PATHS)
+
+
+# --- layers: environment, files ------------------------------------------------------------------------
+
+def _loaded(tmp_path=None, yaml_text=None, env=None, monkeypatch=None):
+    c = Config(project_location=str(tmp_path) if tmp_path else None)
+    c.load_collection(tasks.ns.configuration())
+    if yaml_text is not None:
+        (tmp_path / "invoke.yaml").write_text(yaml_text)
+        c.load_project()
+    return MockContext(config=c)
+
+
+def test_env_values_are_yaml_booleans_and_numbers():
+    env = {"INVOKE_GPUBOX_BUILD_CUDA": "false", "INVOKE_GPUBOX_MODELS_UPDATE": "no",
+           "INVOKE_GPUBOX_BUILD_JOBS": "6", "INVOKE_GPUBOX_SERVE_FLASH_ATTN": "off",
+           "INVOKE_GPUBOX_CUDA_PACKAGES": "[cuda-nvcc-12-9]", "INVOKE_GPUBOX_MODELS_FILES_MODEL_REVISION": "v2"}
+    got = config.load(_loaded(), environ=env)
+    assert got["build"]["cuda"] is False and got["models"]["update"] is False and got["build"]["jobs"] == 6
+    assert got["serve"]["flash_attn"] == "off" and got["cuda"]["packages"] == ["cuda-nvcc-12-9"]
+    assert got["models"]["files"]["model"]["revision"] == "v2"
+
+
+def test_env_bad_and_unknown_names_exit_2():
+    with pytest.raises(config.ConfigError) as e:
+        config.load(_loaded(), environ={"INVOKE_GPUBOX_BUILD_JOBS": "abc"})
+    assert "gpubox.build.jobs = 'abc' (from INVOKE_GPUBOX_BUILD_JOBS): must be an integer between 0 and 1024" in str(e.value)
+    with pytest.raises(config.ConfigError, match="INVOKE_GPUBOX_BUILD_JBOS: no such gpubox setting; did you mean "
+                                                 "INVOKE_GPUBOX_BUILD_JOBS"):
+        config.load(_loaded(), environ={"INVOKE_GPUBOX_BUILD_JBOS": "3"})
+    # another program's prefix is not ours
+    assert config.load(_loaded(), environ={"FABRIC_GPUBOX_BUILD_JBOS": "3"})["build"]["jobs"] == 0
+
+
+def test_fabric_reads_its_own_prefix():
+    from fabric import Config as FConfig
+    c = FConfig()
+    assert config.env_prefix(c) == "FABRIC_"
+    got = config.load(MockContext(config=c), environ={"FABRIC_GPUBOX_BUILD_CUDA": "false", "INVOKE_GPUBOX_BUILD_JOBS": "x"})
+    assert got["build"]["cuda"] is False
+
+
+def test_precedence_files_then_env_then_set(tmp_path):
+    c = _loaded(tmp_path, "gpubox:\n  build:\n    jobs: 2\n    mem_per_job_gb: 3\n  serve:\n    port: 9000\n")
+    got = config.load(c, ["serve.port=9100"], environ={"INVOKE_GPUBOX_BUILD_JOBS": "4", "INVOKE_GPUBOX_SERVE_PORT": "9050"})
+    assert (got["build"]["jobs"], got["build"]["mem_per_job_gb"], got["serve"]["port"]) == (4, 3, 9100)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("gpubox:\n  state_dir: ~\n", "gpubox.state_dir = None: must be a normalized absolute path"),
+    ("gpubox:\n  build: {jobs: [1\n", "is not a config file gpubox reads"),
+    ("gpubox: [1, 2]\n", "gpubox = [1, 2] (from the config files): must be a mapping"),
+    ("gpubox:\n  stat_dir: /x\n", "gpubox.stat_dir = '/x': unknown key; did you mean state_dir?"),
+    ("- a\n- b\n", "must hold a mapping at its top, not list"),
+    ("gpubox: {build: {jobs: true}}\n", "gpubox.build.jobs = True: must be an integer"),
+    ("gpubox: {models: {files: {model: {sha256: null}}}}\n", 'gpubox.models.files.model.sha256 = None: must be "" or 64'),
+    ("gpubox: {models: {files: {extra: {repo: a/b}}}}\n", "gpubox.models.files.extra.filename is missing"),
+    ("gpubox:\n  state_dir: \"/srv/x\\n\"\n", "control character"),
+    ("gpubox: " + "[" * 200 + "]" * 200 + "\n", "nests deeper than"),
+])
+def test_bad_invoke_yaml_is_an_error_not_a_traceback(tmp_path, text, needle):
+    with pytest.raises(config.ConfigError) as e:
+        config.load(_loaded(tmp_path, text), environ={})
+    assert needle in str(e.value)
+
+
+def test_alias_bomb_is_refused_fast(tmp_path):
+    import time
+    bomb = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]\n" for i in range(8))
+    assert len(bomb) < 400
+    t0 = time.monotonic()
+    with pytest.raises(config.ConfigError, match="aliases expand to more than"):
+        config.load(_loaded(tmp_path, bomb + "gpubox: {}\n"), environ={})
+    assert time.monotonic() - t0 < 2
+    with pytest.raises(config.ConfigError, match="refers to the node that contains it"):
+        config.load(_loaded(tmp_path, "gpubox: &g {x: *g}\n"), environ={})
+
+
+def test_a_config_file_larger_than_the_limit(tmp_path):
+    with pytest.raises(config.ConfigError, match="larger than"):
+        config.load(_loaded(tmp_path, "#" * (config.MAX_YAML_BYTES + 10) + "\ngpubox: {}\n"), environ={})
+
+
+def test_set_text_values_are_taken_as_written():
+    got = config.validate(config.apply_sets(cfg(), ["serve.flash_attn=on", "build.sha=" + "1" * 40,
+                                                    "models.dir='/srv/my models'"]))
+    assert got["serve"]["flash_attn"] == "on" and got["build"]["sha"] == "1" * 40
+    assert got["models"]["dir"] == "/srv/my models"
+    # YAML would fold the newline into a space: the value is kept and refused instead
+    with pytest.raises(config.ConfigError, match="control character"):
+        config.validate(config.apply_sets(cfg(), ["models.dir=/srv/a\nb"]))
+
+
+def test_on_target_resolves_home_and_rechecks():
+    c = config.validate(config.apply_sets(cfg(), ["compiler.shim_dir=~/bin", "state_dir=~/.gpubox"]))
+    t = config.on_target(c, "/home/u")
+    assert t["models"]["dir"] == "/home/u/Models" and t["compiler"]["shim_dir"] == "/home/u/bin"
+    assert t["state_dir"] == "/home/u/.gpubox" and t["report_dir"] == c["report_dir"]   # controller side stays
+    with pytest.raises(config.ConfigError, match=r"gpubox.compiler.shim_dir = '~/bin' is /bin on the target"):
+        config.on_target(c, "/")
+    with pytest.raises(config.ConfigError, match="home is not known"):
+        config.on_target(c, "unknown")
+    with pytest.raises(config.ConfigError, match="quote"):
+        config.on_target(c, "/home/o'brien")
