@@ -44,6 +44,51 @@ def free_port() -> int:
     return p
 
 
+def serve_run(host, cfg: dict, label: str, out: Path, *, expect_gpu: bool = True) -> tuple[dict, bool]:
+    """One serve-step run (render, install, start, ready), the smoke request, the load lines, doctor's verdict.
+    Returns (the record for results.json, whether it worked); the server is left running."""
+    ok = True
+    print(f"\n=== {label} ===")
+    t = time.monotonic()
+    rep = Runner(host, cfg, [step], echo=print).run()
+    print(rep.table())
+    res = rep.steps[0]
+    print("command: " + " ".join(res.info.get("argv", [])))
+    for n in res.info.get("notes", []):
+        print(f"note: {n}")
+    entry = {"status": res.status, "seconds": round(time.monotonic() - t, 2), "argv": res.info.get("argv"),
+             "dialect": res.info.get("dialect"), "error": res.error}
+    facts = gather(host, cfg, [step])
+    text = service.read_log(host, cfg, facts)
+    (out / f"{label}.log").write_text(text)
+    if res.status == "failed":
+        ok = False
+        print(f"FAIL: {label}: {res.error}")
+        return entry, ok
+    sm = smoke.smoke(host, cfg["serve"])
+    print(sm.line())
+    entry["smoke"] = sm.to_dict()
+    ok = ok and sm.ok
+    text = service.read_log(host, cfg, facts)          # now with the request's timing lines
+    (out / f"{label}.log").write_text(text)
+    print("load_tensors / KV / compute lines:")
+    for line in text.splitlines():
+        l = logparse.clean(line)
+        if l.startswith(("load_tensors:", "llama_kv_cache", "sched_reserve:", "llama_model_loader: loaded meta",
+                         "ggml_cuda_init", "  Device ")) or "print_timing" in l or "statistics" in l:
+            print("  " + l)
+    model, draft = step.model_paths(cfg, "")
+    log = logparse.parse(text, target_path=model, draft_path=draft)
+    entry["log"] = log.to_dict()
+    findings = doctor.diagnose(log, serve=cfg["serve"], dialect=res.info.get("dialect", "unknown"), facts=facts,
+                               expect_gpu=expect_gpu)
+    entry["findings"] = [f.to_dict() for f in findings]
+    print("doctor:")
+    print(doctor.summary(findings))
+    return entry, ok
+
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("server", help="path to llama-server (its directory holds the shared libraries)")
@@ -97,51 +142,11 @@ def main() -> int:
     results: dict = {"server": str(server)}
     ok = True
 
-    def run(label: str, cfg: dict) -> dict:
-        nonlocal ok
-        print(f"\n=== {label} ===")
-        t = time.monotonic()
-        rep = Runner(host, cfg, [step], echo=print).run()
-        print(rep.table())
-        res = rep.steps[0]
-        print("command: " + " ".join(res.info.get("argv", [])))
-        for n in res.info.get("notes", []):
-            print(f"note: {n}")
-        entry = {"status": res.status, "seconds": round(time.monotonic() - t, 2), "argv": res.info.get("argv"),
-                 "dialect": res.info.get("dialect"), "error": res.error}
-        facts = gather(host, cfg, [step])
-        text = service.read_log(host, cfg, facts)
-        (out / f"{label}.log").write_text(text)
-        if res.status == "failed":
-            ok = False
-            print(f"FAIL: {label}: {res.error}")
-            return entry
-        sm = smoke.smoke(host, cfg["serve"])
-        print(sm.line())
-        entry["smoke"] = sm.to_dict()
-        ok = ok and sm.ok
-        text = service.read_log(host, cfg, facts)          # now with the request's timing lines
-        (out / f"{label}.log").write_text(text)
-        print("load_tensors / KV / compute lines:")
-        for line in text.splitlines():
-            l = logparse.clean(line)
-            if l.startswith(("load_tensors:", "llama_kv_cache", "sched_reserve:", "llama_model_loader: loaded meta",
-                             "ggml_cuda_init", "  Device ")) or "print_timing" in l or "statistics" in l:
-                print("  " + l)
-        model, draft = step.model_paths(cfg, "")
-        log = logparse.parse(text, target_path=model, draft_path=draft)
-        entry["log"] = log.to_dict()
-        findings = doctor.diagnose(log, serve=cfg["serve"], dialect=res.info.get("dialect", "unknown"), facts=facts,
-                                   expect_gpu=True)
-        entry["findings"] = [f.to_dict() for f in findings]
-        print("doctor:")
-        print(doctor.summary(findings))
-        return entry
-
     try:
         results["help"] = "see help.txt"
         (out / "help.txt").write_text(os.popen(f"LD_LIBRARY_PATH={server.parent} {server} --help 2>&1").read())
-        results["remedy"] = run("gpu-serve-embd-on-gpu", cfg)
+        results["remedy"], good = serve_run(host, cfg, "gpu-serve-embd-on-gpu", out)
+        ok = ok and good
         log_a = results["remedy"].get("log") or {}
         cuda_lines = [m for m in log_a.get("models", []) if any(k.startswith("CUDA") for k in m["model_buffers"])]
         print(f"\nmodels with a CUDA model buffer: {len(cuda_lines)} of {len(log_a.get('models', []))}")
@@ -150,7 +155,8 @@ def main() -> int:
 
         cfg2 = json.loads(json.dumps(cfg))
         cfg2["serve"]["override_tensor_draft"] = [r"token_embd\.weight=CPU"]
-        results["finding"] = run("gpu-serve-embd-on-cpu", cfg2)
+        results["finding"], good = serve_run(host, cfg2, "gpu-serve-embd-on-cpu", out)
+        ok = ok and good
         codes = [f["code"] for f in results["finding"].get("findings", [])]
         print(f"\ndoctor finding draft-embedding-on-cpu shown on the real log: {'draft-embedding-on-cpu' in codes}")
         before = [f["code"] for f in results["remedy"].get("findings", [])]
