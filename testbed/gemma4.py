@@ -31,6 +31,14 @@ Behaviour (any preset, any sampler that keeps min_p or top_k; greedy for certain
 - `random` head: always drafts OTHER (" box"), which the target never picks (`draft acceptance = 0.00000`).
 The target is the same file for both head variants, so the full target is written once (only="head" swaps).
 
+Upstream's own reactions to the mismatch variants (tests/integration/test_gemma4_twin_serve.py): a head of the
+wrong width aborts the server (GGML_ASSERT(ggml_can_mul_mat(a, b)) while reserving the draft graph); a target
+ending [full, sliding] is served without complaint (the head's layers view target layers n-2 / n-1 whatever
+their type); a pre-sync head is an unknown architecture. Only gpubox's preflight names the cause.
+
+Runs with numpy (1.26 or 2.x) and the gguf package (which itself imports PyYAML); nothing else. Writing the
+full pair is disk-bound (generating its 16.3 GB of data takes about half a second of CPU).
+
 Other entry points: pair(...) -> (Model, Model) is the plan as data (keys and tensor list, nothing written;
 Model.nbytes, Model.tensors[i].nbytes), write_model(model, path) writes one plan, streaming.
 """
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -674,6 +683,12 @@ def write_pair(outdir: str | os.PathLike, preset: str = "mini", *, head: str = "
         raise ValueError(f"only must be both, target or head, not {only!r}")
     tm, hm = pair(preset, head=head, variant=variant, types=types, mismatch=mismatch)
     out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    need = sum(m.nbytes for role, m in (("target", tm), ("head", hm)) if only in ("both", role))
+    free = shutil.disk_usage(out).free
+    if free < need + (64 << 20):
+        raise OSError(f"write_pair: {out} has {free / 2**30:.1f} GiB free, the {preset} pair needs "
+                      f"{need / 2**30:.1f} GiB: choose an OUTDIR on a larger disk")
     paths: list[Path | None] = []
     for role, m, name in (("target", tm, TARGET_FILE), ("head", hm, HEAD_FILE)):
         if only not in ("both", role):
