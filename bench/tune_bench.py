@@ -102,12 +102,12 @@ def have_invoke() -> bool:
         return False
 
 
-def run_tuner(a, ctx: int, state: Path, out: Path, *, force: bool, tag: str) -> tuple[dict, float, str]:
+def run_tuner(a, ctx: int, state: Path, out: Path, *, force: bool, tag: str, draft: str = "") -> tuple[dict, float, str]:
     jpath = out / f"tune_{tag}.json"
     if jpath.exists():
         jpath.unlink()
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if a.tuner == "invoke" or (a.tuner == "auto" and have_invoke() and Path(a.bin_dir).name == "bin"):
+    if not draft and (a.tuner == "invoke" or (a.tuner == "auto" and have_invoke() and Path(a.bin_dir).name == "bin")):
         reports = out / f"reports_{tag}"
         argv = [sys.executable, "-m", "invoke", "tune", "--no-plot",
                 "--set", f"build.build_dir={Path(a.bin_dir).parent}", "--set", f"models.dir={Path(a.model).parent}",
@@ -123,7 +123,11 @@ def run_tuner(a, ctx: int, state: Path, out: Path, *, force: bool, tag: str) -> 
         argv = [sys.executable, "-m", "provision.tune", "--bin-dir", a.bin_dir, "--model", a.model, "--ctx", str(ctx),
                 "--ctk", a.kv, "--ctv", a.kv, "--state-dir", str(state), "--margin", "0", "--port", str(a.port),
                 "--max-probes", str(a.max_probes), "--workdir", str(out / "probes" / f"tune_{tag}"),
-                "--json", str(jpath)]
+                "--json", str(jpath), "--prompt-tokens", str(P.prompt_tokens_for(ctx, 32, 512))]
+        if draft:
+            argv += ["--draft", draft, "--spec-type", a.spec_type, "--ctkd", a.kvd or a.kv, "--ctvd", a.kvd or a.kv]
+        if not draft or not a.speed:
+            argv.append("--no-speed")
         if force:
             argv.append("--force")
         how = "python -m provision.tune"
@@ -159,10 +163,12 @@ def _cost(values: list[int], floor: int, t_fail: float, t_ok: float) -> float:
     return sum(t_fail if v < floor else t_ok for v in values)
 
 
-def sweep(host, a, ctx: int, values: list[int], out: Path) -> tuple[list[dict], float]:
-    inp = inputs(a, ctx, out / "unused-state")
+def sweep(host, a, ctx: int, values: list[int], out: Path, draft: str = "", *, stop_at_failure: bool = False,
+          tag: str = "") -> tuple[list[dict], float]:
+    """One probe per value, in the order given; with stop_at_failure, the first value that does not run ends it."""
+    inp = inputs(a, ctx, out / "unused-state", draft)
     parsed = R._help(host, inp.server)
-    ps = P.ProbeSettings(workdir=str(out / "probes" / f"sweep_{ctx}"), port=a.port, ready_timeout=180,
+    ps = P.ProbeSettings(workdir=str(out / "probes" / f"sweep_{ctx}{tag}"), port=a.port, ready_timeout=180,
                          request_timeout=180, prompt_tokens=P.prompt_tokens_for(ctx, 32, 512), gen_tokens=32,
                          vocab=a.vocab)
     rows = []
@@ -171,19 +177,22 @@ def sweep(host, a, ctx: int, values: list[int], out: Path) -> tuple[list[dict], 
         if elapsed() > a.deadline_s:
             say(f"    sweep ctx {ctx}: DEADLINE ({a.deadline_s:.0f} s) reached: values from {k} on not probed")
             break
-        r, raw = P.run_probe(host, k, R.server_argv(inp, parsed, k, drafting=False), ps)
+        r, raw = P.run_probe(host, k, R.server_argv(inp, parsed, k, drafting=bool(draft)), ps)
         d = vars(r).copy()
         rows.append(d)
-        say(f"    sweep ctx {ctx:>6} k {k:>2}: {r.outcome:<9} peak {str(r.peak_mib):>5} MiB  "
+        say(f"    sweep ctx {ctx:>6}{tag} k {k:>2}: {r.outcome:<9} peak {str(r.peak_mib):>5} MiB  "
             f"gen {str(r.gen_tps):>7} t/s  prompt {str(r.prompt_tps):>8} t/s  {r.seconds:5.1f} s  {r.detail[:90]}")
+        if stop_at_failure and r.outcome != S.OK:
+            break
     return rows, time.monotonic() - t0
 
 
-def inputs(a, ctx: int, state: Path) -> R.Inputs:
-    ns = SimpleNamespace(port=a.port, ctx=ctx, np=1, ngl=999, ctk=a.kv, ctv=a.kv, fa="on", draft="", ctkd="f16",
-                         ctvd="f16", otd=[])
-    return R.Inputs(bin_dir=a.bin_dir, model=a.model, serve=serve_settings(ns), state_dir=str(state), margin_mib=0,
-                    probe_port=a.port, speed_check=False)
+def inputs(a, ctx: int, state: Path, draft: str = "") -> R.Inputs:
+    ns = SimpleNamespace(port=a.port, ctx=ctx, np=1, ngl=999, ctk=a.kv, ctv=a.kv, fa="on", draft=draft,
+                         ctkd=a.kvd or a.kv if draft else "f16", ctvd=a.kvd or a.kv if draft else "f16", otd=[],
+                         spec_type=a.spec_type)
+    return R.Inputs(bin_dir=a.bin_dir, model=a.model, draft=draft, serve=serve_settings(ns), state_dir=str(state),
+                    margin_mib=0, probe_port=a.port, speed_check=False)
 
 
 def floor_of(rows: list[dict]):
@@ -214,6 +223,15 @@ def main() -> int:
     ap.add_argument("--smoke-chars", type=int, default=4000)
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--plot-only", help="draw the plots of an earlier tune_bench.json and exit")
+    ap.add_argument("--draft", default="", help="the assistant (MTP head) GGUF: the tuner and sweep run once with it")
+    ap.add_argument("--spec-type", default="mtp", help="with --draft: mtp (the assistant head) or draft")
+    ap.add_argument("--kvd", default="", help="the head's KV cache type (default: --kv)")
+    ap.add_argument("--modes", default="", help="comma list of mtp,none: with the head and without drafting "
+                    "(default: mtp,none with --draft, else none)")
+    ap.add_argument("--sweep", choices=["full", "window"], default="full",
+                    help="window: one probe per value from the tuner's choice + 4 down to the first that fails")
+    ap.add_argument("--no-speed", dest="speed", action="store_false", help="skip the tuner's MTP speed check")
+    ap.add_argument("--no-rerun", dest="rerun", action="store_false", help="skip the re-run and the long smoke")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -231,6 +249,7 @@ def main() -> int:
 
     import synth_moe
     want = synth_moe.parser().parse_args([a.model])
+    modes = [m for m in (a.modes or ("mtp,none" if a.draft else "none")).split(",") if m]
     if not Path(a.model).exists():
         info = synth_moe.write(a.model, want)
         say(f"bench: wrote synthetic model {info}")
@@ -252,10 +271,13 @@ def main() -> int:
         data["free_after_cap_mib"] = g2["free_mib"]
         contexts = [int(x) for x in a.contexts.split(",") if x]
         t_fail, t_ok = 1.5, 8.0
-        for i, ctx in enumerate(contexts):
-            say(f"\n=== context {ctx}, KV {a.kv}, margin 0, {g2['free_mib']} MiB free (elapsed {elapsed():.0f} s) ===")
+        for i, (ctx, mode) in enumerate((c, m) for c in contexts for m in modes):
+            draft = a.draft if mode == "mtp" else ""
+            tag = f"{ctx}" + ("_mtp" if draft else "")
+            say(f"\n=== context {ctx}, KV {a.kv}, {'MTP head ' + Path(draft).name if draft else 'no drafting'}, "
+                f"margin 0, {g2['free_mib']} MiB free (elapsed {elapsed():.0f} s) ===")
             say("  (b) tuner:")
-            res, t_tune, how = run_tuner(a, ctx, state, out, force=True, tag=str(ctx))
+            res, t_tune, how = run_tuner(a, ctx, state / tag, out, force=True, tag=tag, draft=draft)
             choice = res.get("n_cpu_moe")
             n_max = res.get("n_layers") or 48
             # (a) the sweep: full unless the remaining budget cannot afford it (costs from the tuner's own probes)
@@ -267,11 +289,17 @@ def main() -> int:
             coarse_cost = _cost(sweep_values(n_max, guess, 0)[0], guess, t_fail, t_ok)
             future = (len(contexts) - i - 1) * (30 + coarse_cost) + 60
             room = a.budget_s - elapsed() - future
-            values, mode = sweep_values(n_max, choice, n_max + 1 if full_cost <= room else 0)
+            if a.sweep == "window" and choice is not None:
+                values = list(range(min(n_max, choice + 4), -1, -1))
+                smode = f"window: {values[0]} down to the first value that does not run"
+            else:
+                values, smode = sweep_values(n_max, choice, n_max + 1 if full_cost <= room else 0)
             say(f"  sweep cost estimate: full {full_cost:.0f} s, coarse {coarse_cost:.0f} s; room {room:.0f} s "
                 f"(probe ~{t_ok:.1f} s ok, ~{t_fail:.1f} s failing)")
-            say(f"  (a) sweep, {mode}: {len(values)} values")
-            rows, t_sweep = sweep(host, a, ctx, values, out)
+            say(f"  (a) sweep, {smode}: up to {len(values)} values")
+            rows, t_sweep = sweep(host, a, ctx, values, out, draft, stop_at_failure=a.sweep == "window",
+                                  tag="_mtp" if draft else "")
+            rows.sort(key=lambda r: r["value"])
             t_fail = _mean([r["seconds"] for r in rows if r["outcome"] != S.OK]) or t_fail
             t_ok = _mean([r["seconds"] for r in rows if r["outcome"] == S.OK]) or t_ok
             fl, holes = floor_of(rows)
@@ -279,15 +307,18 @@ def main() -> int:
             ok_choice = choice is not None and fl is not None and fl <= choice <= fl + 1
             chosen_row = next((r for r in rows if r["value"] == choice), None)
             runs = bool(chosen_row and chosen_row["outcome"] == S.OK)
-            full_equiv = t_sweep if mode.startswith("full") else None
-            run = {"ctx": ctx, "sweep_mode": mode, "sweep_values": values, "sweep": rows, "sweep_seconds": round(t_sweep, 1),
+            full_equiv = t_sweep if smode.startswith(("full", "window")) else None
+            run = {"ctx": ctx, "drafting": mode, "draft": draft, "sweep_mode": smode, "sweep_values": values, "sweep": rows, "sweep_seconds": round(t_sweep, 1),
                    "floor": fl, "non_monotone": holes, "tuner": how, "tuner_result": res, "tuner_seconds": round(t_tune, 1),
                    "choice": choice, "tuner_probes": n_probes, "fit_params_calls": res.get("fit_params_calls"),
                    "targets": {"choice_runs": runs, "within_one_above_floor": ok_choice,
                                "time_le_third": (t_tune <= t_sweep / 3) if full_equiv else None,
                                "probes_le_3": n_probes is not None and n_probes <= 3}}
             data["runs"].append(run)
-            say(f"  result ctx {ctx}: sweep floor {fl} ({len(values)} probes, {t_sweep:.1f} s{'' if full_equiv else ', coarse'})"
+            if res.get("speed"):
+                run["speed"] = res["speed"]
+                say(f"  speed check (tuner): {json.dumps(res['speed'], default=str)[:600]}")
+            say(f"  result ctx {ctx} {mode}: sweep floor {fl} ({len(rows)} probes, {t_sweep:.1f} s{'' if full_equiv else ', coarse'})"
                 f"; tuner ({how}) chose {choice} with {n_probes} real probes + {res.get('fit_params_calls')} fit-params "
                 f"calls in {t_tune:.1f} s (ratio {t_tune / t_sweep:.2f})")
             for k, v in run["targets"].items():
@@ -301,16 +332,18 @@ def main() -> int:
                 if r:
                     say(f"    fit-params estimate at {k}: {e} MiB, sweep peak {r['peak_mib']} MiB -> constant {r['peak_mib'] - e} MiB")
 
-        if contexts:
+        if contexts and a.rerun:
             ctx0 = contexts[0]
             say(f"\n=== re-run the tuner at context {ctx0} with nothing changed (elapsed {elapsed():.0f} s) ===")
-            res, t_re, how = run_tuner(a, ctx0, state, out, force=False, tag=f"{ctx0}_again")
+            tag0 = f"{ctx0}" + ("_mtp" if modes[0] == "mtp" else "")
+            res, t_re, how = run_tuner(a, ctx0, state / tag0, out, force=False, tag=f"{tag0}_again",
+                                       draft=a.draft if modes[0] == "mtp" else "")
             data["rerun"] = {"ctx": ctx0, "reused": bool(res.get("reused")), "seconds": round(t_re, 1),
                              "n_cpu_moe": res.get("n_cpu_moe")}
             say(f"  reused: {bool(res.get('reused'))}, --n-cpu-moe {res.get('n_cpu_moe')}, {t_re:.1f} s")
 
             long = max(contexts)
-            run_long = next(r for r in data["runs"] if r["ctx"] == long)
+            run_long = next(r for r in data["runs"] if r["ctx"] == long and r["drafting"] == "none")
             k = run_long["choice"]
             if k is not None:
                 say(f"\n=== serve + smoke at the full context {long} with --n-cpu-moe {k} (elapsed {elapsed():.0f} s) ===")
@@ -338,11 +371,11 @@ def main() -> int:
         (out / "tune_bench.json").write_text(json.dumps(data, indent=1, default=str))
 
     say("\n=== summary ===")
-    say(f"{'ctx':>6} {'sweep':>7} {'floor':>5} {'sweep s':>8} {'tuner':>6} {'choice':>6} {'probes':>6} {'fitp':>5} "
+    say(f"{'ctx':>6} {'draft':>5} {'sweep':>7} {'floor':>5} {'sweep s':>8} {'tuner':>6} {'choice':>6} {'probes':>6} {'fitp':>5} "
         f"{'tuner s':>8} {'ratio':>6}  targets")
     for r in data["runs"]:
         tg = " ".join(f"{k}={'PASS' if v else ('n/a' if v is None else 'FAIL')}" for k, v in r["targets"].items())
-        say(f"{r['ctx']:>6} {('full' if r['sweep_mode'].startswith('full') else 'coarse'):>7} {str(r['floor']):>5} "
+        say(f"{r['ctx']:>6} {r.get('drafting', 'none'):>5} {r['sweep_mode'].split()[0].rstrip(':'):>7} {str(r['floor']):>5} "
             f"{r['sweep_seconds']:>8.1f} {'':>6} {str(r['choice']):>6} {str(r['tuner_probes']):>6} "
             f"{str(r['fit_params_calls']):>5} {r['tuner_seconds']:>8.1f} {r['tuner_seconds'] / max(r['sweep_seconds'], 0.1):>6.2f}  {tg}")
         say(report.table(r["tuner_result"].get("probes") or [], f"  tuner probes at ctx {r['ctx']}:"))
@@ -366,10 +399,11 @@ def plot_all(data: dict, out: Path) -> int:
         res = r["tuner_result"] or {}
         over = res.get("overhead_mib") or 0
         pred = {int(k): v + over for k, v in (res.get("estimates") or {}).items()}
-        path = out / f"tune_{r['ctx']}.png"
+        path = out / f"tune_{r['ctx']}{'_' + r['drafting'] if r.get('drafting', 'none') != 'none' else ''}.png"
         report.plot(str(path), res.get("probes") or [], free_mib=data.get("free_after_cap_mib") or data["cap_mib"],
                     predicted=pred, chosen=r["choice"],
-                    title=f"{data['gpu'].get('name')} capped to {data['cap_mib']} MiB: context {r['ctx']}, KV {data['kv']}; "
+                    title=f"{data['gpu'].get('name')} capped to {data['cap_mib']} MiB: context {r['ctx']}, KV {data['kv']}, "
+                          f"{'MTP' if r.get('drafting') == 'mtp' else 'no drafting'}; "
                           f"sweep floor {r['floor']}, tuner {r['choice']}",
                     extra_series={"sweep": r["sweep"]})
         say(f"bench: plot {path}")
