@@ -12,6 +12,7 @@ is quoted with `shlex.quote`: configuration values never reach a shell unquoted.
 from __future__ import annotations
 
 import io
+import secrets
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -124,22 +125,51 @@ class Host:
         """True when the command exits 0."""
         return self.run(command, check=False, **kw).exited == 0
 
+    def as_user(self, user: str, argv: Sequence[Any]) -> list[Any]:
+        """argv run as `user`: runuser when gpubox logs in as root (no sudo needed), else sudo -n -u."""
+        if self.is_root:
+            return ["runuser", "-u", user, "--", *argv]
+        return ["sudo", "-n", "-u", user, "--", *argv]
+
     def write_file(self, path: str, content: str, *, mode: str = "0644", owner: str | None = None,
-                   root: bool = False) -> None:
-        """Write a whole file atomically (temp file in the same directory, then rename).
+                   root: bool = False, as_user: str | None = None) -> None:
+        """Write a whole file atomically: into a new private directory beside it, then one rename.
+
+        The directory `.<name>.gpubox-<random>` is made by `mkdir -m 0700`, which fails on anything that
+        exists (a planted file or symlink included), so the file written inside it is nobody else's to
+        swap. The size is checked, then `mv -T` renames it over the path (a symlink at the path is
+        replaced, not followed; a directory there is an error, not a target). Two writers of one path
+        each use their own directory: the path ends as one of the two, whole. A failure removes the
+        directory. When root writes into a directory another user can write, use `as_user` instead.
 
         The content travels in command arguments (WRITE_CHUNK characters each), not on stdin: Invoke and
-        Fabric feed an in_stream one byte per 10 ms poll, so a 50 kB file would take minutes."""
-        chunks = [content[i:i + WRITE_CHUNK] for i in range(0, len(content), WRITE_CHUNK)] or [""]
-        # A fixed temp name beside the file: a run killed mid-write leaves only this name, which the
-        # next write truncates and reuses; the real file changes only with the final rename.
+        Fabric feed an in_stream one byte per 10 ms poll, so a 50 kB file would take minutes.
+
+        `as_user`: every command runs as that user (Host.as_user), for files in a tree the user owns
+        (the build step's source and build directories); `root` and `owner` are then not used."""
+        if "\0" in content:
+            raise ValueError(f"write_file {path}: the content holds a NUL byte")
+        if as_user and (root or owner):
+            raise ValueError("write_file: as_user excludes root and owner")
+
+        def run(argv: list[Any], **kw):
+            return self.run(self.as_user(as_user, argv) if as_user else argv, root=root, **kw)
+
         head, _, base = path.rpartition("/")
-        tmp = f"{head}/.{base}.gpubox-tmp"
-        for i, chunk in enumerate(chunks):
-            first = 'mkdir -p "$(dirname "$1")"; printf "%s" "$2" > "$1"'
-            self.run(["sh", "-c", first if i == 0 else 'printf "%s" "$2" >> "$1"', "sh", tmp, chunk], root=root)
-        finish = 'set -e; chmod "$2" "$1"; ' + ('chown "$4" "$1"; ' if owner else "") + 'mv -f "$1" "$3"'
-        self.run(["sh", "-c", finish, "sh", tmp, mode, path, owner or ""], root=root)
+        tmp = f"{head}/.{base[:100]}.gpubox-{secrets.token_hex(8)}"
+        chunks = [content[i:i + WRITE_CHUNK] for i in range(0, len(content), WRITE_CHUNK)] or [""]
+        try:
+            run(["sh", "-c", 'set -e; mkdir -p "$(dirname "$1")"; mkdir -m 0700 "$1"; printf "%s" "$2" > "$1/f"',
+                 "sh", tmp, chunks[0]])
+            for chunk in chunks[1:]:
+                run(["sh", "-c", 'printf "%s" "$2" >> "$1/f"', "sh", tmp, chunk])
+            finish = ('set -e; f="$1/f"; n=$(wc -c < "$f"); if [ "$n" != "$4" ]; then '
+                      'echo "gpubox write_file: $f has $n bytes, expected $4" >&2; exit 4; fi; '
+                      + ('chown "$5" "$f"; ' if owner else "") + 'chmod "$2" "$f"; mv -Tf "$f" "$3"; rmdir "$1"')
+            run(["sh", "-c", finish, "sh", tmp, mode, path, len(content.encode()), owner or ""])
+        except BaseException:
+            run(["rm", "-rf", "--", tmp], check=False)
+            raise
 
 
 WRITE_CHUNK = 24_000   # characters per argument: Linux allows 128 KiB per argument
