@@ -43,6 +43,8 @@ from . import resources, schema
 from .schema import CACHE_TYPES, SPEC_TYPES, STEP_NAMES  # noqa: F401  (re-exported)
 
 DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
+# The MTP head's general.architecture each dialect loads (docs/serve-mtp.md, "Which assistant a binary loads").
+ASSISTANT_ARCH = {"pre-sync": "gemma4_assistant", "post-sync": "gemma4-assistant", "upstream": "gemma4-assistant"}
 EXIT_CONFIG = 2
 
 # Limits of any YAML gpubox reads from a user (config files, --set and environment values).

@@ -2,7 +2,8 @@
 
 check() is pure (facts in): it renders the command for the binary's dialect (from step 5's
 gpubox-dialect.json, else the binary's own --help), refuses bad settings before anything starts (a binary or
-model file that is not there, an option the binary lacks, a port another process holds), and compares the
+model file that is not there, an option the binary lacks, a port another process holds, a target and MTP
+head that cannot work together: provision/serve/pair.py on both GGUF headers), and compares the
 installed files and the running process's command line with the wanted ones. Nothing differs = satisfied,
 zero changes. apply() writes what differs, starts or restarts the server and waits for readiness; a server
 that exits while loading is reported with the log lines that say why.
@@ -10,18 +11,50 @@ that exits while loading is reported with the log lines that say why.
 
 from __future__ import annotations
 
+import json
+import shlex
+from pathlib import Path
 from typing import Any
 
 from ..engine import Change, Check, StepError
 from ..facts import UNKNOWN, Fact, qpath
 from ..host import expand_home
-from ..tune import state as tune_state
-from . import helptext, render, service, smoke
+from ..tune import ggufhead, state as tune_state
+from . import helptext, pair, render, service, smoke
+
+GGUFHEAD_SRC = Path(ggufhead.__file__).read_text()
+MTP_SPECS = ("mtp", "draft-mtp")
 
 NAME = "serve"
 TITLE = "llama-server: rendered for the built dialect, installed, running"
+def _gguf_fact(cfg: dict) -> str:
+    """Both GGUF headers (model, then the head), summarized on the target by provision/tune/ggufhead.py; only
+    when serving with an MTP head. The reader travels as `python3 -c` text (Invoke feeds stdin slowly)."""
+    s = cfg["serve"]
+    files = cfg["models"]["files"]
+    if not (s.get("draft_model") and s.get("spec_type") in MTP_SPECS and s["draft_model"] in files):
+        return "true"
+    mdir = cfg["models"]["dir"].rstrip("/")
+    model, draft = (f"{mdir}/{files[k]['filename']}" for k in ("model", s["draft_model"]))
+    return (f"[ -r {qpath(model)} ] && [ -r {qpath(draft)} ] || exit 0; "
+            f"python3 -c {shlex.quote(GGUFHEAD_SRC)} {qpath(model)} {qpath(draft)}")
+
+
+def _parse_gguf(out: str, rc: int):
+    if rc != 0:
+        return UNKNOWN
+    got = []
+    for line in out.splitlines():
+        try:
+            got.append(json.loads(line))
+        except ValueError:
+            continue
+    return {"target": got[0], "head": got[1]} if len(got) == 2 else {}
+
+
 FACTS = [
     Fact("serve", service.fact_snippet, service.parse_fact),
+    Fact("serve_gguf", _gguf_fact, _parse_gguf),
     # `invoke tune`'s result: its --n-cpu-moe replaces serve.n_cpu_moe when it was tuned for these settings.
     Fact("tune_state", lambda cfg: "cat " + qpath(cfg["state_dir"].rstrip("/") + "/" + tune_state.FILENAME),
          lambda out, rc: tune_state.parse(out if rc == 0 else "")),
@@ -89,8 +122,30 @@ def wanted(facts: dict, cfg: dict) -> tuple[render.Rendered, dict[str, str], dic
     except render.RenderError as e:
         raise StepError(str(e)) from None
     r.notes[:0] = tuned_notes
+    check_pair(facts, cfg, serve, r.dialect, model, draft)
     files = service.files(cfg, facts, r, model_name=cfg["models"]["files"]["model"]["filename"])
     return r, files, sf
+
+
+def check_pair(facts: dict, cfg: dict, serve: dict, dialect: str, model: str, draft: str) -> None:
+    """Refuse a target + MTP head that this binary cannot serve together (pair.py), naming the fix."""
+    if not (draft and serve.get("spec_type") in MTP_SPECS):
+        return
+    g = facts.get("serve_gguf")
+    if not isinstance(g, dict) or not g:
+        raise StepError(f"serve: could not read the GGUF headers of {model} and {draft} on the host (python3 "
+                        "with provision/tune/ggufhead.py), so the MTP pair cannot be checked before launch",
+                        "check that python3 runs on the target and that both files are GGUF (invoke models)")
+    for role, path in (("target", model), ("head", draft)):
+        if g[role].get("error"):
+            raise StepError(f"serve: {path} is not a readable GGUF file: {g[role]['error']}",
+                            "download it again: invoke models --set models.update=true")
+    problems = pair.check(g["target"], g["head"], dialect=dialect)
+    if problems:
+        raise StepError("serve: the model and its MTP head cannot be served together by this "
+                        f"{dialect} llama-server; nothing was started:\n"
+                        + "\n".join(f"  - {p.rule}: {p.cause}" for p in problems),
+                        "; ".join(dict.fromkeys(p.fix for p in problems)))
 
 
 def _port_of(argv: list[str]) -> str | None:

@@ -4,7 +4,9 @@ The tuner runs this ON THE TARGET (`python3 - FILE < ggufhead.py` through Host.r
 summary it prints, so no multi-megabyte header crosses SSH and the target needs no `gguf` package.
 It gives what llama-fit-params cannot: the MTP assistant's weights and KV-cache shape, and, for the main
 model, the layer count (the largest useful --n-cpu-moe) and the vocabulary size (probe prompts use valid
-token ids).
+token ids). The serve step runs it the same way before a launch with the MTP head: the keys the pair rules
+need (provision/serve/pair.py: sliding-window pattern, KV geometry, embedding_length_out /
+n_embd_backbone, nextn_predict_layers) are in the summary too.
 
 Tensor sizes come from the offsets in the tensor table (the next tensor's offset, or the end of the file,
 minus this one's), so no table of quantization block sizes is needed.
@@ -143,7 +145,13 @@ def summary(path: str) -> dict[str, Any]:
         "head_count_kv": key("attention.head_count_kv"),
         "key_length": key("attention.key_length"),
         "value_length": key("attention.value_length"),
+        "key_length_swa": key("attention.key_length_swa"),
+        "value_length_swa": key("attention.value_length_swa"),
         "sliding_window": key("attention.sliding_window"),
+        "sliding_window_pattern": key("attention.sliding_window_pattern"),
+        "embedding_length_out": key("embedding_length_out"),     # post-sync / upstream MTP head
+        "nextn_predict_layers": key("nextn_predict_layers"),
+        "n_embd_backbone": key("n_embd_backbone"),               # pre-sync MTP head
         "expert_count": key("expert_count"),
         "n_vocab": n_vocab,
         "n_tensors": len(h["tensors"]),

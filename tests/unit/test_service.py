@@ -11,8 +11,22 @@ import pytest
 from provision import config
 from provision.engine import StepError
 from provision.serve import render, service, step
+from provision.tune import ggufhead
 
 HELP = Path(__file__).resolve().parent.parent / "data" / "help"
+_PAIR: dict = {}
+
+
+def pair_headers(**kw) -> dict:
+    """The serve_gguf fact for a REAL mini twin pair (testbed.gemma4), summarized as the target's python3 does."""
+    key = tuple(sorted(kw.items()))
+    if key not in _PAIR:
+        import tempfile
+        from testbed import gemma4
+        d = tempfile.mkdtemp(prefix="gpubox-twin-")
+        t, h = gemma4.write_pair(d, **kw)
+        _PAIR[key] = {"target": ggufhead.summary(str(t)), "head": ggufhead.summary(str(h))}
+    return copy.deepcopy(_PAIR[key])
 
 
 @pytest.fixture
@@ -26,7 +40,8 @@ def facts(systemd="yes", **serve):
     sf = {"binary": "yes", "model_readable": "yes", "draft_readable": "yes", "port": "closed",
           "help": (HELP / "llama-server-help.current-b10018-1.2.0.txt").read_text()}
     sf.update(serve)
-    return {"serve": sf, "home": "/home/alice", "user": {"name": "alice", "uid": 1000}, "systemd": systemd}
+    return {"serve": sf, "home": "/home/alice", "user": {"name": "alice", "uid": 1000}, "systemd": systemd,
+            "serve_gguf": pair_headers()}
 
 
 def wanted_argv(cfg, f):
@@ -147,3 +162,40 @@ def test_tuned_value_for_other_settings_is_ignored(cfg):
     assert r.argv[r.argv.index("--n-cpu-moe") + 1] == "21"
     f["tune_state"] = {"garbage": True}                   # unreadable state: the config applies
     assert step.wanted(f, cfg)[0].argv == r.argv
+
+
+def test_mtp_pair_is_checked_before_start(cfg):
+    """The serve step's preflight: the pair rules on both GGUF headers, refused with the fix; nothing starts."""
+    f = facts()
+    f["serve_gguf"] = pair_headers(mismatch="width")
+    with pytest.raises(StepError) as e:
+        step.check(f, cfg)
+    msg = str(e.value)
+    assert "cannot be served together by this post-sync llama-server; nothing was started" in msg
+    assert "- width: the head" in msg and "fix: use the assistant published with this model" in msg
+    f["serve_gguf"] = pair_headers(head="presync")
+    with pytest.raises(StepError, match=r"pre-sync assistant \('gemma4_assistant'\) but the built llama-server is "
+                                        r"post-sync"):
+        step.check(f, cfg)
+    f["serve_gguf"] = {}                          # the headers could not be read: refused, not skipped
+    with pytest.raises(StepError, match="could not read the GGUF headers"):
+        step.check(f, cfg)
+
+
+def test_no_pair_check_without_the_mtp_head(cfg):
+    f = facts()
+    f["serve_gguf"] = {}
+    cfg["serve"]["spec_type"] = "none"
+    assert step.check(f, cfg).changes
+    cfg["serve"]["spec_type"], cfg["serve"]["draft_model"] = "mtp", ""
+    assert step.check(f, cfg).changes
+
+
+def test_gguf_fact_reads_both_files_quoted(cfg):
+    cmd = step._gguf_fact(cfg)
+    argv = shlex.split(cmd.split("|| exit 0; ", 1)[1])
+    assert argv[0] == "python3" and argv[1] == "-c" and "def summary" in argv[2]
+    assert argv[3:] == ["$GPUBOX_HOME/Models/gemma-4-26B-A4B-it-Q4_K_M.gguf",
+                        "$GPUBOX_HOME/Models/gemma-4-26B-A4B-it-assistant.Q4_K_M.gguf"]
+    cfg["serve"]["spec_type"] = "none"
+    assert step._gguf_fact(cfg) == "true"
