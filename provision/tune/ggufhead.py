@@ -191,12 +191,24 @@ def kv_mib(s: dict[str, Any], ctx: int, type_k: str, type_v: str) -> int:
     return int(-(-per_token * ctx // MIB))
 
 
+# MTP heads (docs/serve-mtp.md, "Where the head's weights land"): no KV cache of their own (their layers view
+# the target's cache), and their token_embd placement differs by format.
+MTP_HEADS = {"gemma4-assistant": "post-sync", "gemma4_assistant": "pre-sync"}
+
+
 def assistant_mib(s: dict[str, Any], *, ctx: int, type_k: str, type_v: str, n_gpu_layers: int = 999,
                   n_cpu_moe: int = 0, overrides: list[str] = ()) -> dict[str, int]:
-    """The assistant's GPU share: weights on the GPU (token_embd only when an override puts it there,
-    as llama.cpp keeps the input embedding on the CPU) plus its KV cache at the serving context."""
+    """The assistant's GPU share: weights on the GPU plus its KV cache at the serving context.
+
+    A plain draft model: its layers and output on the GPU, token_embd only when an override puts it there (the
+    loader keeps the input embedding on the CPU), and a KV cache of its own. A Gemma 4 MTP head: no KV cache
+    (it views the target's); post-sync/upstream (gemma4-assistant) its output copy of token_embd follows -ngld
+    to the GPU while the unused input copy stays on the host; pre-sync (gemma4_assistant) token_embd is the LM
+    head and stays on the CPU unless an override moves it, and its pre-projection (an input-layer tensor) stays
+    in host memory. (Pre-sync real figures, GTX 1080: CUDA0 82.24 MiB, CPU 210.00 token_embd, CUDA_Host 3.09.)"""
     n_layer = int(s.get("block_count") or 0)
     on_gpu_layers = min(n_gpu_layers, n_layer)
+    mtp = MTP_HEADS.get(s.get("arch", ""))
     weights = 0
     for i_s, b in s.get("layer_bytes", {}).items():
         i = int(i_s)
@@ -205,13 +217,17 @@ def assistant_mib(s: dict[str, Any], *, ctx: int, type_k: str, type_v: str, n_gp
             if i < n_cpu_moe:
                 weights -= s.get("expert_bytes", {}).get(i_s, 0)
     pats = [o.split("=", 1)[0] for o in overrides if "=" in o and not o.split("=", 1)[1].upper().startswith("CPU")]
+    all_on_gpu = n_layer > 0 and on_gpu_layers >= n_layer
     for name, b in s.get("other_bytes", {}).items():
         if name.startswith("token_embd."):
+            if any(re.search(p, name) for p in pats) or (mtp == "post-sync" and all_on_gpu):
+                weights += b
+        elif mtp == "pre-sync" and name.endswith("pre_projection.weight"):
             if any(re.search(p, name) for p in pats):
                 weights += b
-        elif on_gpu_layers >= n_layer:             # output / output_norm go with the last layer
+        elif all_on_gpu:                           # output / output_norm go with the last layer
             weights += b
-    kv = kv_mib(s, ctx, type_k, type_v) if on_gpu_layers else 0
+    kv = kv_mib(s, ctx, type_k, type_v) if on_gpu_layers and not mtp else 0
     w = int(-(-weights // MIB))
     return {"weights_mib": w, "kv_mib": kv, "total_mib": w + kv}
 

@@ -533,3 +533,44 @@ def test_state_is_written_atomically_and_read_back(tmp_path):
     assert oct((tmp_path / "state" / "tune.json").stat().st_mode & 0o777) == "0o644"
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["tune.json"]   # no temp file left
     assert path.endswith("/state/tune.json")
+
+
+def _plan_summary(model) -> dict:
+    """ggufhead.summary's shape from a twin plan (testbed.gemma4: tensor sizes as data, nothing written)."""
+    import re as _re
+    layer, other = {}, {}
+    for t in model.tensors:
+        m = _re.match(r"blk\.(\d+)\.", t.name)
+        if m:
+            layer[m.group(1)] = layer.get(m.group(1), 0) + t.nbytes
+        else:
+            other[t.name] = t.nbytes
+    return {"arch": model.arch, "block_count": model.value(f"{model.arch}.block_count"), "layer_bytes": layer,
+            "other_bytes": other, "expert_bytes": {}}
+
+
+def test_mtp_head_size_matches_the_real_assistant_placement():
+    """The full twin's heads (real 26B-A4B assistant shapes and Q4_K_M types): pre-sync the real load lines say
+    CUDA0 82.24 MiB (token_embd 210 MiB on the CPU, the 3.09 MiB pre-projection in CUDA_Host); with -otd the
+    embedding joins CUDA0; post-sync the output copy is on the GPU anyway. No KV of its own (it views the
+    target's), whatever the context and cache types."""
+    from testbed import gemma4
+    _, pre = gemma4.pair("full", head="presync")
+    _, post = gemma4.pair("full", head="mtp")
+    a = ggufhead.assistant_mib(_plan_summary(pre), ctx=131072, type_k="turbo3", type_v="turbo3")
+    assert a == {"weights_mib": 83, "kv_mib": 0, "total_mib": 83}                   # 82.24 rounded up
+    otd = ggufhead.assistant_mib(_plan_summary(pre), ctx=131072, type_k="turbo3", type_v="turbo3",
+                                 overrides=["token_embd\\.weight=CUDA0"])
+    assert otd["weights_mib"] == 293                                                  # + 210.00
+    b = ggufhead.assistant_mib(_plan_summary(post), ctx=131072, type_k="turbo3", type_v="turbo3")
+    assert b["kv_mib"] == 0 and b["weights_mib"] == 296                             # + 210 copy + 3.09 pre-proj
+    assert ggufhead.assistant_mib(_plan_summary(post), ctx=131072, type_k="f16", type_v="f16",
+                                  n_gpu_layers=0)["weights_mib"] == 0
+
+
+def test_mtp_head_size_from_a_real_mini_file(tmp_path):
+    from testbed import gemma4
+    _, h = gemma4.write_pair(tmp_path, only="head")
+    s = ggufhead.summary(str(h))
+    a = ggufhead.assistant_mib(s, ctx=4096, type_k="f16", type_v="f16")
+    assert a["kv_mib"] == 0 and a["weights_mib"] == -(-s["tensor_bytes"] // (1 << 20))
