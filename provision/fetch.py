@@ -30,6 +30,13 @@ What it does for each file of the spec:
   Mismatch -> the partial is deleted, the file never appears under its final name, and the error
   names both hashes. Only a complete, verified file is renamed to its final name (fsync, rename,
   fsync of the directory), owned by the configured user.
+* No sha256 known at all (none pinned, none locked for this commit, none from the Hub): refused before
+  any byte is fetched, unless the file opts in (`allow_unverified`); then its size must be known (a
+  body cut short is otherwise indistinguishable from a whole file), the bytes received must be exactly
+  that size, and the result says `verified: false` (so does the lock). docs/downloads.md.
+* A partial is continued only when its sidecar names the same repo, file, commit, size, expected
+  sha256 AND ETag as the Hub reports now; anything else starts over from byte 0, so an old prefix is
+  never joined to changed bytes.
 * Reads the GGUF header (the `gguf` package if installed, else the small reader below, which reads
   only the first KB) and checks `general.architecture` against the expected one (the assistant file
   against the fork profile). A mismatch is reported after the verified file is in place and locked,
@@ -439,7 +446,8 @@ class Fetcher:
         locked_sha = (known.get("sha256") or "").lower()
         job = dict(f, final=final, partial=partial, sidecar=side, have=0)
         if (st and not update and known.get("commit") and known.get("size") == st.st_size
-                and known.get("mtime_ns") == st.st_mtime_ns and (not pinned or pinned == locked_sha)):
+                and known.get("mtime_ns") == st.st_mtime_ns and (not pinned or pinned == locked_sha)
+                and (known.get("verified") is not False or f.get("allow_unverified"))):
             job.update(action="kept", commit=known["commit"], sha256=locked_sha, size=st.st_size, transfer=0)
             return job
         # Which revision to ask for: the lock's commit (unless updating), else the configured revision.
@@ -450,15 +458,21 @@ class Fetcher:
         commit = meta.commit_hash or (revision if HEX40_RE.match(revision) else "")
         remote_sha = (meta.etag or "").lower().strip('"')
         remote_sha = remote_sha if SHA256_RE.match(remote_sha) else ""
+        if known.get("verified") is False:
+            locked_sha = ""          # a hash gpubox computed itself vouches for nothing
         expected = pinned or (locked_sha if known.get("commit") == commit and locked_sha else "") or remote_sha
         source = "config" if pinned else ("lock" if expected and expected == locked_sha else ("hub" if expected else ""))
+        if not expected:
+            self._unverified(f, commit, meta.size)
         if pinned and remote_sha and pinned != remote_sha:
             raise FetchError(
                 "sha256", f"{f['filename']}: the pinned sha256 {pinned} (models.files.{f['key']}.sha256) differs from the "
                 f"sha256 the Hub reports for {f['repo']}@{commit[:12]}: {remote_sha}; nothing downloaded",
                 f"fix models.files.{f['key']}.sha256 (or set it to \"\" to trust the Hub), or pin the revision that has this hash",
                 file=f["key"], expected=pinned, actual=remote_sha)
-        job.update(commit=commit, expected=expected, expected_from=source, size=meta.size, location=meta.location)
+        etag = (meta.etag or "").strip()
+        job.update(commit=commit, expected=expected, expected_from=source, size=meta.size, location=meta.location,
+                   etag=etag)
         if st and (meta.size is None or st.st_size == meta.size) and expected:
             job.update(action="verify", transfer=0)
             return job
@@ -471,14 +485,36 @@ class Fetcher:
                 s = {}
             psize = os.path.getsize(partial)
             same = (s.get("repo") == f["repo"] and s.get("filename") == f["filename"] and s.get("commit") == commit
-                    and s.get("size") == meta.size and s.get("expected") == expected and (meta.size is None or psize <= meta.size))
+                    and s.get("size") == meta.size and s.get("expected") == expected and s.get("etag") == etag
+                    and (meta.size is None or psize <= meta.size))
             if same:
                 have = psize
             else:
+                if psize:
+                    self.say(f"{f['filename']}: the partial file is for other bytes (commit, size, sha256 or ETag "
+                             "changed since it was started): starting over")
                 self._discard(partial, side)
         job.update(action="resume" if have else "download", have=have,
                    transfer=(meta.size - have) if meta.size is not None else None)
         return job
+
+    def _unverified(self, f: dict, commit: str, size) -> None:
+        """No sha256 known: refuse, unless this file opts in and its size is known."""
+        key, where = f["key"], f"{f['repo']}@{(commit or f['revision'])[:12]}"
+        if not f.get("allow_unverified"):
+            raise FetchError(
+                "unverified", f"{f['filename']}: no sha256 is known for {where}: models.files.{key}.sha256 is "
+                "empty, the lock has none for this commit, and the Hub reports none; gpubox does not put a file "
+                "it cannot verify in place. Nothing was downloaded.",
+                f"pin it: --set models.files.{key}.sha256=<the file's sha256 from the model page>, or accept it "
+                f"unverified: --set models.files.{key}.allow_unverified=true (the lock then says verified: false)",
+                file=key)
+        if size is None:
+            raise FetchError(
+                "unverified", f"{f['filename']}: neither a sha256 nor a size is known for {where}: a download cut "
+                "short could not be told from a whole file, so it is refused even with allow_unverified. Nothing "
+                "was downloaded.", f"pin models.files.{key}.sha256, or use an endpoint that reports the size",
+                file=key)
 
     def _discard(self, partial: str, side: str):
         for p in (partial, side):
@@ -507,6 +543,7 @@ class Fetcher:
         res.update(path=job["final"], action=job["action"], transferred=0, resumed_from=0, rehash_s=0.0)
         if job["action"] == "kept":
             res["sha256"] = job["sha256"]
+            res["verified"] = (job.get("known") or {}).get("verified", True) is not False
         elif job["action"] == "verify":
             actual = sha256_file(job["final"])
             if actual != job["expected"]:
@@ -516,7 +553,7 @@ class Fetcher:
                 job.update(action="download", have=0, transfer=job["size"])
                 self._discard(job["partial"], job["sidecar"])
                 return self.run_job(job)
-            res["sha256"] = actual
+            res.update(sha256=actual, verified=True, expected_from=job["expected_from"])
         else:
             res.update(self._transfer(job))
         st = os.stat(job["final"])
@@ -536,7 +573,7 @@ class Fetcher:
         os.makedirs(self.dir, exist_ok=True)
         partial, side = job["partial"], job["sidecar"]
         with open(side + ".tmp", "w") as fh:
-            json.dump({k: job.get(k) for k in ("repo", "filename", "revision", "commit", "size", "expected")}, fh)
+            json.dump({k: job.get(k) for k in ("repo", "filename", "revision", "commit", "size", "expected", "etag")}, fh)
         os.replace(side + ".tmp", side)
         self._chown(side)
         fh = open(partial, "a+b")
@@ -588,6 +625,17 @@ class Fetcher:
             fh.flush()
             os.fsync(fh.fileno())
             actual = hasher.hexdigest()
+            if job["size"] is not None and w.pos != job["size"]:
+                # Never final: a short body is kept for the next run to continue, a long one discarded.
+                if w.pos > job["size"]:
+                    self._discard(partial, side)
+                raise FetchError(
+                    "size", f"{job['filename']}: received {w.pos} bytes, the Hub reports {job['size']}; the file was "
+                    "NOT moved into place", "run again (a short partial file is continued)", file=job["key"])
+            if self.hash and not job["expected"] and not job.get("allow_unverified"):
+                self._discard(partial, side)
+                raise FetchError("unverified", f"{job['filename']}: no sha256 to verify against; the file was NOT "
+                                 "moved into place", "pin models.files.*.sha256", file=job["key"])
             if self.hash and job["expected"] and actual != job["expected"]:
                 self._discard(partial, side)
                 raise FetchError(

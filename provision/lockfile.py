@@ -3,8 +3,9 @@
 `<state_dir>/gpubox.lock.json` (e.g. /var/lib/gpubox/gpubox.lock.json) holds
 
 * ``models``: for each key of models.files, the repo, file name, configured revision, the commit it
-  resolved to, sha256, size, the path and mtime it was verified at, and the GGUF architecture read
-  from its header. Later runs use this commit and hash (no network, no re-hash) unless asked to
+  resolved to, sha256, size, the path and mtime it was verified at, the GGUF architecture read
+  from its header, and ``verified`` (false only for a file accepted with allow_unverified: nobody
+  knew its sha256, the one recorded is what gpubox computed). Later runs use this commit and hash (no network, no re-hash) unless asked to
   update (models.update=true);
 * ``box``: the fork commit (wanted by the profile, and found in the source tree), the driver and
   CUDA versions and the compilers found, the OS, kernel and glibc: one file describes the box.
@@ -64,6 +65,8 @@ def entry(result: dict, revision: str) -> dict:
         "repo": result["repo"], "filename": result["filename"], "revision": revision,
         "commit": result["commit"], "sha256": result["sha256"], "size": result["size"],
         "path": result["path"], "mtime_ns": result["mtime_ns"], "arch": result.get("arch", UNKNOWN),
+        # false: nobody knew the file's sha256 (models.files.*.allow_unverified); the hash is gpubox's own.
+        "verified": result.get("verified", True) is not False,
     }
 
 

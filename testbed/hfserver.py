@@ -1,7 +1,8 @@
 """A local HTTP server speaking the part of Hugging Face's protocol that downloads use.
 
     python3 -m testbed.hfserver --root DIR [--host H] [--port P] [--rate BYTES_PER_S]
-        [--corrupt ORG/NAME/FILE@OFFSET]... [--token T] [--log FILE]
+        [--corrupt ORG/NAME/FILE@OFFSET]... [--token T] [--log FILE] [--no-sha] [--no-size]
+        [--truncate ORG/NAME/FILE@OFFSET]...
 
 DIR/<org>/<name>/<file> is served under /{org}/{name}/resolve/{revision}/{file} for the revision
 ``main`` and for the repository's commit (40 hex digits), with the headers huggingface_hub reads
@@ -22,6 +23,9 @@ digits overrides the derived commit.
 Test knobs: ``--rate`` throttles each response body to BYTES_PER_S (scheduled against the start of
 the body, so the average is exact, not drifting); ``--corrupt`` flips one byte of a file as it is
 sent while the headers keep advertising the true sha256 (a corrupting mirror or a bad disk);
+``--no-sha`` reports no sha256 (an ETag that is not one, no X-Linked-Etag); ``--no-size`` reports no
+size (no X-Linked-Size or Content-Length: the body ends when the connection closes, Range is ignored);
+``--truncate ORG/NAME/FILE@OFFSET`` ends every body at that byte of the file and closes the connection;
 ``--token`` requires ``Authorization: Bearer T`` (401 otherwise); ``--log`` appends one JSON line per
 request (method, path, status, range, bytes of body sent) so tests can prove what was transferred.
 The Authorization header is never logged.
@@ -235,6 +239,12 @@ class Handler(BaseHTTPRequestHandler):
             "Content-Type": "application/octet-stream",
             "Content-Disposition": f'attachment; filename="{os.path.basename(filename)}"',
         }
+        if self.server.no_sha:
+            # As for a file the Hub does not keep in LFS: an ETag that is no sha256, no X-Linked-Etag.
+            headers["ETag"] = f'"{hashlib.sha1(sha.encode()).hexdigest()}"'
+            del headers["X-Linked-Etag"]
+        if self.server.no_size:
+            return self._resolve_unsized(fpath, f"{repo_id}/{filename}", headers)
         rng_header = self.headers.get("Range")
         start, end, status = 0, size - 1, 200
         if rng_header:
@@ -265,9 +275,34 @@ class Handler(BaseHTTPRequestHandler):
             # counted as written, so a client killed mid-body still shows what it was sent
             self._record(status, self._sent, rng_header)
 
+    def _resolve_unsized(self, fpath: str, key: str, headers: dict):
+        """No size anywhere (no X-Linked-Size, no Content-Length): the body ends when the connection closes,
+        from byte 0 whatever Range asks (a server that ignores Range)."""
+        del headers["X-Linked-Size"]
+        del headers["Accept-Ranges"]
+        self.send_response(200)
+        for k, v in headers.items():
+            self.send_header(k, str(v))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        if self.command == "HEAD":
+            self._record(200, 0, self.headers.get("Range"))
+            return
+        self._sent = 0
+        try:
+            self._stream(fpath, key, 0, os.path.getsize(fpath))
+        finally:
+            self._record(200, self._sent, self.headers.get("Range"))
+
     def _stream(self, fpath: str, key: str, start: int, length: int) -> int:
         rate = self.server.rate
         corrupt = self.server.corrupt.get(key, [])
+        cut = self.server.truncate.get(key)
+        if cut is not None:
+            # The body stops at byte `cut` of the file and the connection is closed (a dropped transfer).
+            length = max(0, min(length, cut - start))
+            self.close_connection = True
         chunk = CHUNK if not rate else max(4096, min(CHUNK, int(rate / 50)))
         t0 = time.monotonic()
         sent = 0
@@ -355,11 +390,13 @@ class HFServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, addr, root: str, rate: float = 0, corrupt: dict | None = None, token: str = "",
-                 log: str | None = None):
+                 log: str | None = None, no_sha: bool = False, no_size: bool = False, truncate: dict | None = None):
         self.store = Store(root)
         self.rate = float(rate or 0)
         self.corrupt = corrupt or {}
         self.token = token
+        self.no_sha, self.no_size = no_sha, no_size
+        self.truncate = truncate or {}
         self.log_path = log
         self.requests: list[dict] = []
         self._log_lock = threading.Lock()
@@ -412,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--token", default=os.environ.get("GPUBOX_HFSERVER_TOKEN", ""),
                     help="require 'Authorization: Bearer TOKEN' (default: env GPUBOX_HFSERVER_TOKEN)")
     ap.add_argument("--log", default=None, help="append one JSON line per request to this file")
+    ap.add_argument("--no-sha", action="store_true", help="report no sha256 (no X-Linked-Etag)")
+    ap.add_argument("--no-size", action="store_true", help="report no size (bodies end at connection close)")
+    ap.add_argument("--truncate", action="append", default=[], metavar="ORG/NAME/FILE@OFFSET",
+                    help="end every body at this byte of the file (repeatable)")
     a = ap.parse_args(argv)
     if not os.path.isdir(a.root):
         print(f"hfserver: --root {a.root} is not a directory", file=sys.stderr)
@@ -421,7 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"hfserver: {e}", file=sys.stderr)
         return 2
-    srv = HFServer((a.host, a.port), a.root, rate=a.rate, corrupt=corrupt, token=a.token, log=a.log)
+    srv = HFServer((a.host, a.port), a.root, rate=a.rate, corrupt=corrupt, token=a.token, log=a.log,
+                   no_sha=a.no_sha, no_size=a.no_size,
+                   truncate={k: v[0] for k, v in parse_corrupt(a.truncate).items()})
     print(f"hfserver: serving {os.path.abspath(a.root)} on {srv.url}", flush=True)
     try:
         srv.serve_forever()

@@ -185,6 +185,9 @@ def plan_files(facts: dict, cfg: dict) -> dict:
         moved = bool(mcfg["update"] and e and remote.get("commit") and remote["commit"] != e.get("commit"))
         if intact and pinned and pinned != e.get("sha256"):
             item.update(action="verify", why=f"models.files.{key}.sha256 {pinned[:12]}... differs from the lock's {e['sha256'][:12]}...")
+        elif intact and e.get("verified") is False and not f.get("allow_unverified"):
+            item.update(action="verify", why=f"the lock says verified: false and models.files.{key}.allow_unverified "
+                        f"is false: verify it against a known sha256 (pin models.files.{key}.sha256)")
         elif intact and not moved:
             item.update(action="ok")
         elif moved:
@@ -235,6 +238,13 @@ def check(facts: dict, cfg: dict) -> Check:
                                                if it.get("remote_error") else ""), [cmd]))
         elif it["action"] == "verify":
             changes.append(Change(f"verify {it['filename']} (sha256 of {human(it['size'])})", it["why"], [cmd]))
+        f = mcfg["files"][key]
+        remote_sha = str(it["remote"].get("sha256") or "")
+        if (it["action"] != "ok" and not f.get("sha256") and not f.get("allow_unverified") and "commit" in it["remote"]
+                and not (len(remote_sha) == 64 and all(ch in "0123456789abcdef" for ch in remote_sha))):
+            warnings.append(f"the Hub reports no sha256 for {it['repo']}/{it['filename']} and models.files.{key}.sha256 "
+                            f"is empty: provision will refuse to put it in place (pin the sha256, or set "
+                            f"models.files.{key}.allow_unverified=true)")
         if it["action"] == "ok" and it["lock"] and it["expect_arch"] and it["lock"].get("arch") != it["expect_arch"]:
             changes.append(Change(f"{it['filename']}: general.architecture {it['lock'].get('arch')!r} does not match the "
                                   f"fork build ({cfgmod.fork_pin(cfg).get('profile')}: {it['expect_arch']!r})",
@@ -324,9 +334,10 @@ def spec(facts: dict, cfg: dict, items: dict, token: str | None) -> dict:
     for key, it in items.items():
         f = mcfg["files"][key]
         e = it["lock"] or {}
-        known = {k: e.get(k) for k in ("commit", "sha256", "size", "mtime_ns")} if e else {}
+        known = {k: e.get(k) for k in ("commit", "sha256", "size", "mtime_ns", "verified") if k in e} if e else {}
         files.append({"key": key, "repo": f["repo"], "filename": f["filename"], "revision": f["revision"],
                       "sha256": (f.get("sha256") or "").lower(), "known": known,
+                      "allow_unverified": bool(f.get("allow_unverified")),
                       "update": bool(mcfg["update"]), "expect_arch": it["expect_arch"]})
     fix = arch_fix(cfg, "gemma4_assistant" if pin.get("assistant_arch") == "gemma4-assistant" else "gemma4-assistant")
     return {"dir": mcfg["dir"], "owner": _owner(cfg), "files": files, "reserve_bytes": mcfg["reserve_gb"] * 1024 ** 3,

@@ -250,3 +250,130 @@ def test_progress_lines_and_bar():
     b.interval = 0
     b.update(250)
     assert out.getvalue().startswith("\r") and "[######" in out.getvalue() and "ETA" in out.getvalue()
+
+
+# --- nothing unverified under a final name ---------------------------------------------------------------
+
+def final_and_partials(dest):
+    d = Path(dest)
+    return (d / NAME).exists(), leftovers(d) if d.exists() else []
+
+
+def test_no_sha256_known_is_refused_before_any_byte(models, tmp_path):
+    root, _ = models
+    srv = serve(root, no_sha=True)
+    try:
+        rc, t, _ = run(spec(srv, tmp_path / "m"))
+        (e,) = t["error"]
+        assert rc == fetch.EXIT_FAILED and e["kind"] == "unverified"
+        assert "no sha256 is known" in e["message"] and "allow_unverified=true" in e["fix"]
+        assert "models.files.assistant.sha256" in e["fix"]
+        assert gets(srv) == [] and final_and_partials(tmp_path / "m") == (False, [])
+    finally:
+        srv.shutdown()
+
+
+def test_no_sha256_with_the_opt_in_is_placed_and_marked_unverified(models, tmp_path):
+    root, data = models
+    srv = serve(root, no_sha=True)
+    try:
+        rc, t, _ = run(spec(srv, tmp_path / "m", allow_unverified=True))
+        assert rc == 0, t
+        (r,) = t["result"][0]["files"]
+        assert r["verified"] is False and r["expected_from"] == "" and r["sha256"] == hashlib.sha256(data).hexdigest()
+        assert (tmp_path / "m" / NAME).read_bytes() == data and leftovers(tmp_path / "m") == []
+        # kept on the next run with what the lock holds: still unverified, no request
+        srv.requests.clear()
+        known = {k: r[k] for k in ("commit", "sha256", "size", "mtime_ns", "verified")}
+        rc, t, _ = run(spec(srv, tmp_path / "m", allow_unverified=True, known=known))
+        (r2,) = t["result"][0]["files"]
+        assert rc == 0 and r2["action"] == "kept" and r2["verified"] is False and srv.requests == []
+        # without the opt-in the lock's own hash vouches for nothing: refused, the file stays as it is
+        rc, t, _ = run(spec(srv, tmp_path / "m", known=known))
+        assert rc == fetch.EXIT_FAILED and t["error"][0]["kind"] == "unverified" and gets(srv) == []
+    finally:
+        srv.shutdown()
+
+
+def test_a_body_cut_short_with_no_size_known_never_becomes_final(models, tmp_path):
+    """No Content-Length, no X-Linked-Size, the connection closed half-way: the client sees a clean end."""
+    root, data = models
+    srv = serve(root, no_size=True, truncate={f"{REPO}/{NAME}": len(data) // 2})
+    try:
+        rc, t, _ = run(spec(srv, tmp_path / "m"))          # the Hub's sha256 is known
+        (e,) = t["error"]
+        assert rc == fetch.EXIT_FAILED and e["kind"] == "sha256" and e["expected"] == hashlib.sha256(data).hexdigest()
+        assert gets(srv)[-1]["sent"] == len(data) // 2
+        assert final_and_partials(tmp_path / "m") == (False, [])
+    finally:
+        srv.shutdown()
+    srv = serve(root, no_size=True, no_sha=True, truncate={f"{REPO}/{NAME}": len(data) // 2})
+    try:                                                   # nothing known at all: refused even opted in
+        rc, t, _ = run(spec(srv, tmp_path / "n", allow_unverified=True))
+        (e,) = t["error"]
+        assert rc == fetch.EXIT_FAILED and e["kind"] == "unverified" and "neither a sha256 nor a size" in e["message"]
+        assert gets(srv) == [] and final_and_partials(tmp_path / "n") == (False, [])
+    finally:
+        srv.shutdown()
+
+
+def test_a_body_cut_short_with_the_size_known_is_kept_as_partial_only(models, tmp_path):
+    root, data = models
+    srv = serve(root, no_sha=True, truncate={f"{REPO}/{NAME}": len(data) // 3})
+    try:
+        rc, t, _ = run(spec(srv, tmp_path / "m", allow_unverified=True))
+        (e,) = t["error"]
+        assert rc == fetch.EXIT_FAILED and e["kind"] in ("http", "size")
+        assert final_and_partials(tmp_path / "m")[0] is False
+        # what arrived, up to the cut (http_get writes in 1 MiB chunks: a part-chunk may be lost)
+        have = (tmp_path / "m" / f".{NAME}.gpubox-partial").stat().st_size
+        assert 0 < have <= len(data) // 3
+    finally:
+        srv.shutdown()
+    srv = serve(root, no_sha=True)                         # the same bytes, whole now: continued
+    try:
+        rc, t, _ = run(spec(srv, tmp_path / "m", allow_unverified=True))
+        (r,) = t["result"][0]["files"]
+        assert rc == 0 and r["resumed_from"] == have and r["verified"] is False
+        assert (tmp_path / "m" / NAME).read_bytes() == data
+    finally:
+        srv.shutdown()
+
+
+@pytest.mark.parametrize("known_sha", [True, False], ids=["hub-sha256", "unverified"])
+def test_a_resume_whose_bytes_changed_starts_over(tmp_path, known_sha):
+    """Killed half-way; then the file changes on the server under the SAME commit (pinned .commit) and size.
+    The old prefix must not be joined to the new bytes: the ETag differs, so the download starts over."""
+    root = tmp_path / "hf"
+    old = write_tiny(root / REPO / NAME, general_arch="gemma4-assistant", n_embd=256, n_layers=4, n_ff=512).read_bytes()
+    (root / REPO / ".commit").write_text("c" * 40 + "\n")
+    size = len(old)
+    srv = serve(root, rate=size / 3, no_sha=not known_sha)
+    dest = tmp_path / "m"
+    sp = spec(srv, dest, allow_unverified=not known_sha)
+    sp_file = tmp_path / "spec.json"
+    sp_file.write_text(json.dumps(sp))
+    partial = dest / f".{NAME}.gpubox-partial"
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "provision.fetch", "download", "--spec", str(sp_file)],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (partial.exists() and partial.stat().st_size >= size // 2):
+            time.sleep(0.02)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        assert size // 2 <= partial.stat().st_size < size
+        new = bytearray(old)
+        for i in range(size // 2, size, 4096):     # other bytes after the prefix, same size, same commit
+            new[i] ^= 0x5A
+        (root / REPO / NAME).write_bytes(bytes(new))
+        srv.rate = 0
+        rc, t, out = run(sp)
+        assert rc == 0, t
+        (r,) = t["result"][0]["files"]
+        assert r["action"] == "download" and r["resumed_from"] == 0 and r["transferred"] == size
+        assert r["commit"] == "c" * 40 and "starting over" in out
+        assert (dest / NAME).read_bytes() == bytes(new) and leftovers(dest) == []
+        assert gets(srv)[-1]["range"] is None
+    finally:
+        srv.shutdown()

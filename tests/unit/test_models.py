@@ -224,3 +224,66 @@ def test_provision_locally_refuses_a_wrong_assistant(cfg, hub, monkeypatch):
     assert rep.steps[0].status == CHANGED and [c["what"].split(" in ")[0] for c in rep.steps[0].changes] == ["record the box"]
     assert [r for r in srv.requests if r["method"] == "GET"] == []
     assert json.loads(Path(lockfile.path(cfg)).read_text())["box"]["fork"]["profile"] == "current"
+
+
+# --- unverified files: refused by default, per-file opt-in recorded in the lock ---------------------------
+
+@pytest.fixture
+def nosha_hub(tmp_path):
+    """A Hub that reports no sha256 for any file (as for files outside LFS)."""
+    root = tmp_path / "hf-nosha"
+    d = config.defaults()["gpubox"]["models"]["files"]
+    write_tiny(root / d["model"]["repo"] / d["model"]["filename"], n_embd=128)
+    write_tiny(root / d["assistant"]["repo"] / d["assistant"]["filename"], general_arch="gemma4-assistant", seed=2)
+    srv = hfserver.start(str(root), no_sha=True)[0]
+    yield srv, root
+    srv.shutdown()
+
+
+def test_unknown_sha256_is_refused_and_nothing_lands(cfg, nosha_hub, monkeypatch):
+    srv, _ = nosha_hub
+    monkeypatch.setenv("HF_ENDPOINT", srv.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    rep = Runner(Host(Context()), cfg, [models], echo=lambda s: None).run()
+    st = rep.steps[0]
+    assert st.status == FAILED and "no sha256 is known" in st.error and "allow_unverified=true" in st.error
+    assert [r for r in srv.requests if r["method"] == "GET"] == []
+    mdir = Path(cfg["models"]["dir"])
+    assert not mdir.exists() or list(mdir.iterdir()) == []
+
+
+def test_the_opt_in_is_per_file_and_the_lock_says_unverified(cfg, nosha_hub, monkeypatch):
+    import hashlib
+    srv, root = nosha_hub
+    monkeypatch.setenv("HF_ENDPOINT", srv.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    f = cfg["models"]["files"]
+    f["model"]["allow_unverified"] = True
+    f["assistant"]["sha256"] = hashlib.sha256((root / f["assistant"]["repo"] / f["assistant"]["filename"]).read_bytes()).hexdigest()
+    rep = Runner(Host(Context()), cfg, [models], echo=lambda s: None).run()
+    assert rep.steps[0].status == CHANGED, rep.table()
+    lock = json.loads(Path(lockfile.path(cfg)).read_text())
+    assert lock["models"]["model"]["verified"] is False and lock["models"]["assistant"]["verified"] is True
+    src = root / f["model"]["repo"] / f["model"]["filename"]
+    assert lock["models"]["model"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    # steady state with the opt-in: nothing to do, no request
+    srv.requests.clear()
+    assert Runner(Host(Context()), cfg, [models], echo=lambda s: None).run().steps[0].status == OK
+    assert srv.requests == []
+    # the opt-in withdrawn: the locked file is not trusted on its own hash; provision refuses, the file stays
+    f["model"]["allow_unverified"] = False
+    rep = Runner(Host(Context()), cfg, [models], echo=lambda s: None).run()
+    st = rep.steps[0]
+    assert st.status == FAILED and "no sha256 is known" in st.error
+    assert any("verified: false" in c["why"] for c in st.changes)
+    assert (Path(cfg["models"]["dir"]) / f["model"]["filename"]).read_bytes() == src.read_bytes()
+
+
+def test_plan_warns_when_the_hub_reports_no_sha256(cfg):
+    remote = {"model": {"size": 1000, "commit": C1, "sha256": "0123abcd" * 5}, "assistant": {"size": 1000, "commit": C1, "sha256": S1}}
+    chk = models.check(facts_for(cfg, files={"model": {}, "assistant": {}}, lock=None, remote=remote), cfg)
+    (w,) = [w for w in chk.warnings if "no sha256" in w]
+    assert "models.files.model.allow_unverified=true" in w
+    cfg["models"]["files"]["model"]["allow_unverified"] = True
+    chk = models.check(facts_for(cfg, files={"model": {}, "assistant": {}}, lock=None, remote=remote), cfg)
+    assert not [w for w in chk.warnings if "no sha256" in w]
