@@ -28,6 +28,8 @@ import jinja2
 from .. import resources
 from ..facts import qpath
 from ..host import cmd, expand_home, sh
+from ..engine import StepError
+from . import unitfile
 from .logparse import START_MARKER
 
 TEMPLATES = resources.TEMPLATES
@@ -85,16 +87,25 @@ def files(cfg: dict, facts: dict, rendered, *, model_name: str = "") -> dict[str
     cuda_lib = (cfg["cuda"]["prefix"].rstrip("/") + "/lib64") if cfg["build"].get("cuda") else ""
     ld = ":".join(p for p in (bindir, cuda_lib) if p)
     mlock = bool(cfg["serve"].get("mlock"))
+    # The env file is read by systemd (EnvironmentFile=) and by the launch script (`.`): one quoting both
+    # read alike (unitfile.env_quote). The unit's values are escaped by systemd's rules (unitfile).
     out = {
-        lay.env: render_template("llama-server.env.j2", ld_library_path=ld, cuda_lib=cuda_lib, extra_env=[]),
+        lay.env: render_template("llama-server.env.j2", ld_library_path=unitfile.env_quote(ld),
+                                 cuda_lib=cuda_lib, extra_env=[]),
         lay.launch: render_template("llama-server.sh.j2", binary=rendered.argv[0], dialect=rendered.dialect,
                                     env_file=lay.env, mlock=mlock, marker=START_MARKER,
                                     command=shlex.join(rendered.argv)),
     }
     user = run_user(cfg, facts)
     if mode_of(facts) == "systemd":
-        out[lay.unit] = render_template("llama-server.service.j2", model_name=model_name or "the model", user=user,
-                                        group=user, env_file=lay.env, launch_script=lay.launch, log_file=lay.log)
+        try:
+            out[lay.unit] = render_template(
+                "llama-server.service.j2", model_name=unitfile.text_value(model_name or "the model"), user=user,
+                group=user, env_file=unitfile.path_value(lay.env), launch_script=unitfile.exec_path(lay.launch),
+                log_file=unitfile.path_value(lay.log))
+        except unitfile.UnitValueError as e:
+            raise StepError(f"serve: cannot write the systemd unit: {e}",
+                            "choose a state_dir without quotes, backslashes or control characters") from None
     else:
         # The supervisor runs as root (sudo when the login user is not root); the server drops to its user.
         prefix = ""

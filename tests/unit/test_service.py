@@ -58,7 +58,7 @@ def test_unit_and_launch_files(cfg):
                  "StandardError=append:/var/lib/gpubox/serve/llama-server.log"):
         assert line in unit.splitlines(), line
     env = files["/var/lib/gpubox/serve/llama-server.env"]
-    assert "LD_LIBRARY_PATH=/opt/gpubox/build/llama.cpp/bin:/usr/local/cuda-12.9/lib64" in env
+    assert 'LD_LIBRARY_PATH="/opt/gpubox/build/llama.cpp/bin:/usr/local/cuda-12.9/lib64"' in env
     launch = files["/var/lib/gpubox/serve/llama-server.sh"]
     exec_line = [l for l in launch.splitlines() if l.startswith("exec ")][0]
     assert shlex.split(exec_line)[1:] == r.argv                     # the regex survives the quoting
