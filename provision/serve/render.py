@@ -75,6 +75,7 @@ SPELL = {
     "load_mode": ["--load-mode", "-lm"],
     "host": ["--host"],
     "port": ["--port"],
+    "api_key_file": ["--api-key-file"],
     "log_verbosity": ["-lv", "--log-verbosity", "--verbosity"],
 }
 
@@ -227,6 +228,8 @@ def render(serve: dict[str, Any], parsed: dict[str, Any], *, binary: str, model_
             add("load_mode", mode, "mlock")
     add("host", serve["host"])
     add("port", serve["port"])
+    if serve.get("api_key_file"):   # the key stays in the file: never on the command line
+        add("api_key_file", serve["api_key_file"])
     lv = serve.get("log_verbosity", "auto")
     if lv == "auto":
         lv = AUTO_VERBOSITY.get(dialect, 4)

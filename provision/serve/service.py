@@ -162,6 +162,9 @@ def fact_snippet(cfg: dict) -> str:
         lines.append(sh("getent passwd {u} >/dev/null && kv service_user yes", u=su))
     for k, p in paths.items():
         lines.append(f"[ -r {qpath(p)} ] && kv {k}_readable yes; kv {k}_path {qpath(p)}")
+    if s.get("api_key_file"):
+        # mode owner size of the key file (the key itself is never read here)
+        lines.append(f"[ -f {qpath(s['api_key_file'])} ] && kv api_key_stat \"$(stat -c '%a %U %s' {qpath(s['api_key_file'])})\"")
     dj = qpath(b + "/gpubox-dialect.json")
     lines.append(f"echo @@help; if [ -s {dj} ]; then cat {dj}; elif [ -x {bin_} ]; then "
                  f"LD_LIBRARY_PATH={qpath(b + '/bin')} timeout 60 {bin_} --help 2>&1; fi")

@@ -87,6 +87,26 @@ def model_paths(cfg: dict, home: str) -> tuple[str, str]:
     return model, (f"{mdir}/{files[dm]['filename']}" if dm else "")
 
 
+def check_api_key(sf: dict, cfg: dict, user: str) -> None:
+    """serve.api_key_file: there, not empty, mode 0600 (no group/other bits), owned by the server's user."""
+    path = cfg["serve"].get("api_key_file")
+    if not path:
+        return
+    fix = (f"create it for {user}: (umask 077; openssl rand -hex 32 > {path}) && chown {user} {path}; "
+           "clients send the key as Authorization: Bearer <key>")
+    st = (sf.get("api_key_stat") or "").split()
+    if len(st) != 3:
+        raise StepError(f"serve: serve.api_key_file {path} does not exist", fix)
+    mode, owner, size = int(st[0], 8), st[1], int(st[2])
+    if mode & 0o077:
+        raise StepError(f"serve: serve.api_key_file {path} has mode {mode:04o}: others can read the key", f"chmod 0600 {path}")
+    if owner not in (user, "root") or (owner == "root" and user != "root"):
+        raise StepError(f"serve: serve.api_key_file {path} is owned by {owner}; llama-server runs as {user} and "
+                        "could not read it", f"chown {user} {path}")
+    if size == 0:
+        raise StepError(f"serve: serve.api_key_file {path} is empty", fix)
+
+
 def wanted(facts: dict, cfg: dict) -> tuple[render.Rendered, dict[str, str], dict]:
     """Render the command and the files, or raise StepError naming the cause and the fix."""
     sf = facts.get("serve")
@@ -116,6 +136,7 @@ def wanted(facts: dict, cfg: dict) -> tuple[render.Rendered, dict[str, str], dic
     if cfg["serve"].get("service_user") and sf.get("service_user") != "yes":
         raise StepError(f"serve: service user {cfg['serve']['service_user']!r} does not exist on the host",
                         f"create it (useradd --system {cfg['serve']['service_user']}) or set serve.service_user=\"\"")
+    check_api_key(sf, cfg, service.run_user(cfg, facts))
     serve, tuned_notes = effective_serve(facts, cfg)
     try:
         r = render.render(serve, parsed, binary=binary, model_path=model, draft_path=draft)

@@ -162,7 +162,8 @@ def probe_serve(serve: dict[str, Any], k: int, port: int) -> dict[str, Any]:
     """The user's serve settings at --n-cpu-moe k, on the probe port. --mlock/--no-mmap are left out: they
     change host RAM only (and locking 16 GiB per probe is slow); device memory is the same."""
     s = copy.deepcopy(serve)
-    s.update(n_cpu_moe=k, host="127.0.0.1", port=port, mlock=False, mmap=True)
+    # api_key_file left out too: the probe listens on loopback only and its requests carry no key.
+    s.update(n_cpu_moe=k, host="127.0.0.1", port=port, mlock=False, mmap=True, api_key_file="")
     return s
 
 

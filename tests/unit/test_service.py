@@ -199,3 +199,22 @@ def test_gguf_fact_reads_both_files_quoted(cfg):
                         "$GPUBOX_HOME/Models/gemma-4-26B-A4B-it-assistant.Q4_K_M.gguf"]
     cfg["serve"]["spec_type"] = "none"
     assert step._gguf_fact(cfg) == "true"
+
+
+def test_api_key_file_is_rendered_as_a_flag_and_checked_first():
+    g = config.defaults()["gpubox"]
+    g["user"] = "alice"
+    g["serve"].update(host="0.0.0.0", api_key_file="/etc/gpubox/api-key")
+    cfg = config.validate(g)
+    f = facts(api_key_stat="600 alice 65")
+    argv = wanted_argv(cfg, f)
+    assert argv[argv.index("--api-key-file") + 1] == "/etc/gpubox/api-key" and "--api-key" not in argv
+    for stat_, needle in ((None, "does not exist"), ("640 alice 65", "others can read the key"),
+                          ("600 root 65", "owned by root"), ("600 alice 0", "is empty")):
+        f = facts(**({"api_key_stat": stat_} if stat_ else {}))
+        with pytest.raises(StepError, match=needle):
+            step.wanted(f, cfg)
+    # without a key file on a network address the configuration itself is refused
+    g["serve"]["api_key_file"] = ""
+    with pytest.raises(config.ConfigError, match="serve.api_key_file"):
+        config.validate(g)
