@@ -144,6 +144,18 @@ def write_state(host, state_dir: str, doc: dict[str, Any]) -> str:
     return path
 
 
+def reusable(hit: dict[str, Any], inp: Inputs) -> bool:
+    """A stored result answers this run unless the run wants the MTP speed check and the result has none.
+
+    >>> inp = Inputs(bin_dir="b", model="m", serve={"spec_type": "mtp"}, state_dir="s", draft="head.gguf")
+    >>> reusable({"n_cpu_moe": 24}, inp), reusable({"n_cpu_moe": 24, "speed": {"mtp_speedup": 1.2}}, inp)
+    (False, True)
+    >>> reusable({"n_cpu_moe": 24}, Inputs(bin_dir="b", model="m", serve={}, state_dir="s"))
+    True
+    """
+    return not (inp.drafting and inp.speed_check and not hit.get("speed"))
+
+
 def _help(host, binary: str):
     try:
         from ..serve import helptext
@@ -228,7 +240,10 @@ def tune(host, inp: Inputs, *, force: bool = False, max_ctx: bool = False,
     doc = read_state(host, inp.state_dir)
 
     hit = doc["results"].get(key)
-    if hit and not force:
+    if hit and not force and not reusable(hit, inp):
+        echo("tune: the stored result for these settings has no speed figures (it was tuned without the speed "
+             "check): tuning again, with the learned overhead")
+    elif hit and not force:
         hit = dict(hit)
         hit["reused"] = True
         echo(f"tune: reusing the result of {hit.get('when')} (cache key {key}: same card, driver, model, "
