@@ -5,8 +5,12 @@ Every step is a module with the same small interface:
     NAME = "driver"                      # the name used by --only/--skip and in tests/
     TITLE = "NVIDIA 580xx driver branch"
     FACTS = [Fact(...), ...]             # extra facts it needs (gathered with the core facts, one command)
-    def check(facts, cfg) -> Check       # pure: facts in, wanted changes out (no commands run)
-    def apply(host, facts, cfg, check)   # makes the changes; may return Attention notes
+    def check(facts, cfg) -> Check       # pure: facts in, wanted changes out, each with its operations
+    def apply(host, facts, cfg, check)   # run_changes(host, check): the check's operations, nothing else
+
+A Change carries the operations that make it (provision/ops.py): `plan` prints them, `apply` runs them
+in order and the Check records the line of each one that ran (`Check.ran`), so the report of a
+provision lists exactly what its plan printed.
 
 After `apply` the runner gathers facts again and calls `check` once more: a step that is still not
 satisfied is FAILED, not changed. A step that raises StepError or whose command fails stops the run
@@ -25,16 +29,28 @@ from typing import Any, Callable, Iterable
 
 from . import facts as factmod
 from .host import CommandFailed, Host
+from .ops import Op, text_of
 
 OK, CHANGED, FAILED, SKIPPED, PLANNED = "ok", "changed", "failed", "skipped", "would change"
 
 
 @dataclass
 class Change:
-    """One difference between the host and the wanted state."""
+    """One difference between the host and the wanted state, with the operations that remove it."""
     what: str                 # e.g. "install cuda-nvcc-12-9"
     why: str                  # e.g. "not installed"
-    commands: list[str] = field(default_factory=list)   # what apply will run, for the plan
+    ops: list[Any] = field(default_factory=list)   # provision.ops.Op; plain strings are descriptions only
+
+    @property
+    def commands(self) -> list[str]:
+        """The operations' texts (a command line, or a typed action's one line)."""
+        return [text_of(o) for o in self.ops]
+
+    def lines(self) -> list[str]:
+        return [o.line() if isinstance(o, Op) else f"? {o}" for o in self.ops]
+
+    def as_dict(self) -> dict:
+        return {"what": self.what, "why": self.why, "commands": self.commands}
 
 
 @dataclass
@@ -47,6 +63,24 @@ class Check:
     warnings: list[str] = field(default_factory=list)
     # Facts the step derived and wants in the report (versions found, paths used...).
     info: dict[str, Any] = field(default_factory=dict)
+    # The lines of the operations run_changes ran, in order (an operation that failed is the last).
+    ran: list[str] = field(default_factory=list)
+
+    def operations(self) -> list[Any]:
+        """Every change's operations in order; one operation that fixes several changes counts once."""
+        seen: set[int] = set()
+        out = []
+        for c in self.changes:
+            for o in c.ops:
+                if id(o) not in seen:
+                    seen.add(id(o))
+                    out.append(o)
+        return out
+
+    @property
+    def planned(self) -> list[str]:
+        """The lines of the operations, in the order apply runs them."""
+        return [o.line() if isinstance(o, Op) else f"? {o}" for o in self.operations()]
 
     @classmethod
     def done(cls, **kw) -> "Check":
@@ -77,6 +111,25 @@ class NotFedora(StepError):
     pass
 
 
+def run_changes(host: Host, chk: Check, state: dict | None = None) -> list[str]:
+    """Run the Check's operations in order, recording each line in `chk.ran` (and the step log) before it
+    runs; return the notes they gave. A description-only change (no operation) is an error, not a no-op."""
+    state = {} if state is None else state
+    for ch in chk.changes:
+        if not ch.ops or not all(isinstance(o, Op) for o in ch.ops):
+            raise StepError(f"cannot apply {ch.what!r} ({ch.why}): it carries no operation that makes it",
+                            "this is a defect of the step: report it")
+    notes: list[str] = []
+    for op in chk.operations():
+        chk.ran.append(op.line())
+        if host.log:
+            host.log(f"## {op.line()}")
+        note = op.run(host, state)
+        if note:
+            notes.extend([note] if isinstance(note, str) else list(note))
+    return notes
+
+
 def require_fedora(facts: dict, step: str) -> None:
     """Steps that use dnf/rpm refuse any host that is not Fedora 42."""
     if not factmod.is_fedora(facts):
@@ -96,7 +149,9 @@ class StepResult:
     attention: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
-    commands: list[dict] = field(default_factory=list)
+    planned: list[str] = field(default_factory=list)     # the operations the check asked for (lines)
+    ran: list[str] = field(default_factory=list)         # the operations apply ran, in order (lines)
+    commands: list[dict] = field(default_factory=list)   # every command on the target, facts included
     error: str = ""
     log: str = ""
 
@@ -139,6 +194,8 @@ class Report:
                 rows.append(f"  {'':<{w}}  ! {a}")
             for wn in s.warnings:
                 rows.append(f"  {'':<{w}}  warning: {wn}")
+            if self.mode == "plan":
+                rows.extend(f"  {'':<{w}}    {line}" for line in s.planned)
         if self.failed:
             bad = next(s for s in self.steps if s.status == FAILED)
             rows.append("")
@@ -204,9 +261,11 @@ class Runner:
                 self.host.log = log
                 start_rec = len(self.host.records)
                 s0 = time.monotonic()
+                chk = None
                 try:
                     chk = step.check(facts, self.cfg)
-                    res.changes = [asdict(c) for c in chk.changes]
+                    res.changes = [c.as_dict() for c in chk.changes]
+                    res.planned = chk.planned
                     res.warnings = list(chk.warnings)
                     res.info = dict(chk.info)
                     if chk.satisfied:
@@ -237,6 +296,8 @@ class Runner:
                     res.error = str(e)
                 finally:
                     self.host.log = None
+                    if chk is not None:
+                        res.ran = list(chk.ran)
                     res.seconds = time.monotonic() - s0
                     res.commands = [asdict(r) for r in self.host.records[start_rec:]]
                     if res.error:
