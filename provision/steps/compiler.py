@@ -21,9 +21,10 @@ from __future__ import annotations
 import shlex
 
 from .. import dnf
-from ..engine import Change, Check, require_fedora
+from ..engine import Change, Check, require_fedora, run_changes
 from ..facts import UNKNOWN, Fact, qpath
-from ..host import cmd, expand_home, sh
+from ..host import expand_home, sh
+from ..ops import Cmd, Dnf, Refuse
 
 NAME = "compiler"
 TITLE = "gcc-14 host compiler shims"
@@ -130,43 +131,34 @@ def check(facts: dict, cfg: dict) -> Check:
 
     missing = [p for p in c["packages"] if p not in pk]
     if missing:
+        gcc = facts.get("gcc") if isinstance(facts.get("gcc"), dict) else {}
         changes.append(Change("install " + ", ".join(missing),
-                              f"CUDA 12.9 accepts gcc up to 14; the system gcc is "
-                              f"{(facts.get('gcc') or {}).get('default', UNKNOWN) if isinstance(facts.get('gcc'), dict) else UNKNOWN}",
-                              [cmd(dnf.install(missing, flavour=fl))]))
+                              f"CUDA 12.9 accepts gcc up to 14; the system gcc is {gcc.get('default', UNKNOWN)}",
+                              [Dnf(dnf.install(missing, flavour=fl), NAME, f"installing gcc-{major}")]))
     else:
         bad_tools = [t for t in targets(cfg).values() if s["tools"].get(t) != major]
         if bad_tools:
             changes.append(Change("reinstall " + ", ".join(c["packages"]),
                                   ", ".join(f"{t} " + ("missing" if t not in s["tools"] else f"reports {s['tools'][t]}")
                                             for t in bad_tools),
-                                  [cmd([dnf.binary(fl), "-y", "reinstall", *c["packages"]])]))
+                                  [Dnf([dnf.binary(fl), "-y", "reinstall", *c["packages"]], NAME,
+                                       f"reinstalling gcc-{major}")]))
 
     want = targets(cfg)
-    fix = [cmd(["sh", "-c", shim_script(shim_dir, want)])]
-    if s["dir"] is None:
-        changes.append(Change(f"create {shim_dir} (root-owned, mode 0755)", "missing", fix))
-    elif not _safe(s["dir"]):
-        changes.append(Change(f"make {shim_dir} root-owned and not group/world-writable",
-                              f"owner uid {s['dir']['uid']}, mode {s['dir']['mode']:04o}: anyone who can write there "
-                              "chooses the compiler of the build", fix))
+    # One root command makes the directory (root-owned, 0755) and swaps each link in atomically (a
+    # temporary link renamed over the old one), so a build never sees a missing shim. Every shim
+    # difference below is fixed by that one operation.
+    fix = Cmd(["sh", "-c", shim_script(shim_dir, want)], root=True)
+    todo = _shim_dir_todo(s, shim_dir) + [(f"link {shim_dir}/{n} -> {t}", "missing" if s["links"].get(n) is None
+                                           else f"points to {s['links'][n]}")
+                                          for n, t in want.items() if s["links"].get(n) != t]
+    changes += [Change(what, why, [fix]) for what, why in todo]
     if s["parent"] is not None and not _safe(s["parent"]) and s["dir"] is not None:
         warnings.append(f"the parent of {shim_dir} is writable by others (mode {s['parent']['mode']:04o}, "
                         f"uid {s['parent']['uid']}): choose a shim_dir under a root-owned directory")
-    for n, t in want.items():
-        have = s["links"].get(n)
-        if have != t:
-            changes.append(Change(f"link {shim_dir}/{n} -> {t}",
-                                  "missing" if have is None else f"points to {have}", fix))
 
     if c["user_shims"]:
-        for n, t in want.items():
-            have = s["user_links"].get(n)
-            if have != t:
-                changes.append(Change(f"link {USER_BIN}/{n} -> {t}",
-                                      "compiler.user_shims is on (the recipe's placement): " +
-                                      ("missing" if have is None else f"points to {have}"),
-                                      [cmd(["ln", "-sfn", t, f"{USER_BIN}/{n}"])]))
+        changes += _user_shim_changes(facts, cfg, s, want)
     else:
         leaked = [n for n, t in want.items() if s["user_links"].get(n) == t]
         if leaked:
@@ -179,37 +171,45 @@ def check(facts: dict, cfg: dict) -> Check:
     return Check(not changes, changes, warnings=warnings, info=info)
 
 
+def _shim_dir_todo(s: dict, shim_dir: str) -> list[tuple[str, str]]:
+    if s["dir"] is None:
+        return [(f"create {shim_dir} (root-owned, mode 0755)", "missing")]
+    if not _safe(s["dir"]):
+        return [(f"make {shim_dir} root-owned and not group/world-writable",
+                 f"owner uid {s['dir']['uid']}, mode {s['dir']['mode']:04o}: anyone who can write there chooses the "
+                 "compiler of the build")]
+    return []
+
+
+def _user_shim_changes(facts: dict, cfg: dict, s: dict, want: dict[str, str]) -> list[Change]:
+    """compiler.user_shims: the recipe's gcc/g++ links in ~/.local/bin, owned by the target user."""
+    wrong = {n: t for n, t in want.items() if s["user_links"].get(n) != t}
+    if not wrong:
+        return []
+    home = facts.get("home") if isinstance(facts.get("home"), str) else ""
+    if not home or home == UNKNOWN:
+        op = Refuse(f"{NAME}: the target user's home is unknown, so {USER_BIN} cannot be resolved",
+                    "check gpubox.user and that `getent passwd USER` works")
+    else:
+        user_bin = expand_home(USER_BIN, home)
+        login = facts.get("user", {}).get("name") if isinstance(facts.get("user"), dict) else None
+        owner = cfg.get("user") or login
+        script = shim_script(user_bin, want, owner=None, mode=None)
+        if owner and owner != login:
+            op = Cmd(["sh", "-c", script + "; " + sh("chown -h {o} {d}/gcc {d}/g++", o=owner, d=user_bin)],
+                     root=True)
+        else:
+            op = Cmd(["sh", "-c", script])
+    return [Change(f"link {USER_BIN}/{n} -> {t}", "compiler.user_shims is on (the recipe's placement): "
+                   + ("missing" if s["user_links"].get(n) is None else f"points to {s['user_links'][n]}"), [op])
+            for n, t in wrong.items()]
+
+
+# --- apply ------------------------------------------------------------------------------------------
+
 def apply(host, facts: dict, cfg: dict, chk: Check):
     require_fedora(facts, NAME)
-    c = cfg["compiler"]
-    pk = dnf.installed(facts)
-    fl = dnf.flavour_of(facts)
-    s = _shims(facts)
-    missing = [p for p in c["packages"] if p not in pk]
-    if missing:
-        dnf.run_transaction(host, NAME, "installing gcc-" + str(c["major"]), dnf.install(missing, flavour=fl))
-    elif any(s["tools"].get(t) != int(c["major"]) for t in targets(cfg).values()):
-        dnf.run_transaction(host, NAME, "reinstalling gcc-" + str(c["major"]),
-                            [dnf.binary(fl), "-y", "reinstall", *c["packages"]])
-
-    # One root command: the directory (root-owned, 0755) and each link swapped in atomically
-    # (a temporary link renamed over the old one), so a build never sees a missing shim.
-    shim_dir = c["shim_dir"].rstrip("/")
-    host.run(["sh", "-c", shim_script(shim_dir, targets(cfg))], root=True)
-
-    if c["user_shims"]:
-        home = facts.get("home") if isinstance(facts.get("home"), str) else ""
-        user_bin = expand_home(USER_BIN, home) if home and home != UNKNOWN else None
-        if user_bin:
-            login = facts.get("user", {}).get("name") if isinstance(facts.get("user"), dict) else None
-            owner = cfg.get("user") or login
-            script = shim_script(user_bin, targets(cfg), owner=None, mode=None)
-            if owner and owner != login:
-                host.run(["sh", "-c", script + "; " + sh("chown -h {o} {d}/gcc {d}/g++", o=owner, d=user_bin)],
-                         root=True)
-            else:
-                host.run(["sh", "-c", script])
-    return []
+    return run_changes(host, chk)
 
 
 def shim_script(directory: str, links: dict[str, str], *, owner: str | None = "0:0", mode: str | None = "0755") -> str:

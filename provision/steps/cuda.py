@@ -20,9 +20,9 @@ import shlex
 import jinja2
 
 from .. import dnf, resources
-from ..engine import Change, Check, require_fedora
+from ..engine import Change, Check, require_fedora, run_changes
 from ..facts import UNKNOWN, Fact
-from ..host import cmd
+from ..ops import Dnf, WriteFile
 
 NAME = "cuda"
 TITLE = "CUDA 12.9 toolkit without NVIDIA's driver"
@@ -121,8 +121,8 @@ def check(facts: dict, cfg: dict) -> Check:
     files = _files(facts)
     changes: list[Change] = []
     warnings: list[str] = []
-    attention: list[str] = []
 
+    # The repo file first, with its exclude line, so no later transaction can see nvidia-driver.
     rpath = repo_path(cfg)
     want_repo = repo_text(cfg)
     have_repo = files.get(rpath)
@@ -131,36 +131,38 @@ def check(facts: dict, cfg: dict) -> Check:
             "no exclude= line keeping NVIDIA's driver out" if "exclude=" not in have_repo
             else "differs from gpubox's configuration (baseurl, gpg or exclude list)")
         changes.append(Change(f"write {rpath} (repo {repo_id(cfg)}, exclude={','.join(c['exclude'])})", why,
-                              [f"write {rpath} from templates/cuda.repo.j2"]))
+                              [WriteFile(rpath, want_repo, root=True, source="templates/cuda.repo.j2")]))
 
     bad = forbidden_installed(pk)
     if bad:
         changes.append(Change("remove " + ", ".join(f"{n} {pk[n]}" for n in bad),
                               "NVIDIA's driver (pulled by `cuda`/`cuda-drivers`) conflicts with RPM Fusion's driver",
-                              [cmd(dnf.remove(bad, flavour=fl))]))
+                              [Dnf(dnf.remove(bad, flavour=fl), NAME, "removing NVIDIA's driver packages")]))
 
     missing = [p for p in c["packages"] if p not in pk]
     wrong = [p for p in c["packages"] if p in pk and not pk[p].startswith(ver + ".") and pk[p] != ver]
     if missing:
         changes.append(Change("install " + ", ".join(missing), f"not installed (the CUDA {ver} set llama.cpp needs)",
-                              [cmd(dnf.install(missing, flavour=fl))]))
+                              [Dnf(dnf.install(missing, flavour=fl), NAME, f"installing the CUDA {ver} packages")]))
     if wrong:
         warnings.append(f"installed at a version other than {ver}: " + ", ".join(f"{p} {pk[p]}" for p in wrong))
 
     nv = facts.get("nvcc") if isinstance(facts.get("nvcc"), dict) else {}
     want_nvcc = nvcc_path(cfg)
     nvcc_ok = nv.get("path") == want_nvcc and nv.get("version") == ver
-    if not missing and not nvcc_ok:
-        pkg = nvcc_package(cfg)
-        changes.append(Change(f"reinstall {pkg or 'the nvcc package'}",
+    pkg = nvcc_package(cfg)
+    if not missing and not nvcc_ok and pkg:
+        changes.append(Change(f"reinstall {pkg}",
                               f"{want_nvcc} " + ("is missing" if nv.get("path") != want_nvcc
                                                  else f"reports release {nv.get('version')}, not {ver}"),
-                              [cmd([dnf.binary(fl), "-y", "reinstall", pkg])] if pkg else []))
+                              [Dnf([dnf.binary(fl), "-y", "reinstall", pkg], NAME, "reinstalling nvcc")]))
+    elif not missing and not nvcc_ok:
+        warnings.append(f"{want_nvcc} is not release {ver} and cuda.packages names no cuda-nvcc package to reinstall")
 
     snippet = c["profile_snippet"]
     if files.get(snippet) != profile_text(cfg):
         changes.append(Change(f"write {snippet}", "missing" if snippet not in files else "differs from the template",
-                              [f"write {snippet} from templates/gpubox-cuda.sh.j2"]))
+                              [WriteFile(snippet, profile_text(cfg), root=True, source="templates/gpubox-cuda.sh.j2")]))
 
     others = facts.get("cuda_repos") if isinstance(facts.get("cuda_repos"), dict) else {}
     for path, state in sorted(others.items()):
@@ -171,29 +173,11 @@ def check(facts: dict, cfg: dict) -> Check:
 
     info = {"repo": rpath, "nvcc": nv.get("path", UNKNOWN), "nvcc_version": nv.get("version", UNKNOWN),
             "packages": {p: pk.get(p) for p in c["packages"]}}
-    return Check(not changes, changes, attention=attention, warnings=warnings, info=info)
+    return Check(not changes, changes, warnings=warnings, info=info)
 
+
+# --- apply ------------------------------------------------------------------------------------------
 
 def apply(host, facts: dict, cfg: dict, chk: Check):
     require_fedora(facts, NAME)
-    c = cfg["cuda"]
-    pk = dnf.installed(facts)
-    fl = dnf.flavour_of(facts)
-    files = _files(facts)
-
-    # The repo file first, with its exclude line, so no later transaction can see nvidia-driver.
-    if files.get(repo_path(cfg)) != repo_text(cfg):
-        host.write_file(repo_path(cfg), repo_text(cfg), mode="0644", root=True)
-    bad = forbidden_installed(pk)
-    if bad:
-        dnf.run_transaction(host, NAME, "removing NVIDIA's driver packages", dnf.remove(bad, flavour=fl))
-    missing = [p for p in c["packages"] if p not in pk]
-    if missing:
-        dnf.run_transaction(host, NAME, f"installing the CUDA {c['version']} packages", dnf.install(missing, flavour=fl))
-    else:
-        nv = facts.get("nvcc") if isinstance(facts.get("nvcc"), dict) else {}
-        if not (nv.get("path") == nvcc_path(cfg) and nv.get("version") == str(c["version"])) and nvcc_package(cfg):
-            dnf.run_transaction(host, NAME, "reinstalling nvcc", [dnf.binary(fl), "-y", "reinstall", nvcc_package(cfg)])
-    if files.get(c["profile_snippet"]) != profile_text(cfg):
-        host.write_file(c["profile_snippet"], profile_text(cfg), mode="0644", root=True)
-    return []
+    return run_changes(host, chk)

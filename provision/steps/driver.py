@@ -26,11 +26,13 @@ from __future__ import annotations
 import re
 import shlex
 import time
+from dataclasses import dataclass
 
 from .. import dnf
-from ..engine import Change, Check, StepError, require_fedora
+from ..engine import Change, Check, StepError, require_fedora, run_changes
 from ..facts import UNKNOWN, Fact
 from ..host import cmd
+from ..ops import Cmd, Dnf, Op
 
 NAME = "driver"
 TITLE = "NVIDIA 580xx driver branch"
@@ -187,106 +189,146 @@ def lock_plan(facts: dict, cfg: dict, installed: dict[str, str]) -> dict[str, st
     return dnf.lock_state(cfg["driver"]["packages"], installed, locks)
 
 
+# Packages of `driver.replaces` the branch transaction did not erase (no conflict, so --allowerasing
+# kept them): removed by one more transaction, with only the names rpm still finds installed.
+_REMOVE_LEFT = ('left=; for p in "$@"; do rpm -q --quiet -- "$p" && left="$left $p"; done; '
+                '[ -z "$left" ] || exec {dnf} -y remove $left')
+
+
 def check(facts: dict, cfg: dict) -> Check:
+    d = cfg["driver"]
+    pk = dnf.installed(facts)
+    info = {"branch": d["branch"], "installed": {n: v for n, v in sorted(pk.items()) if in_family(n)},
+            "kernel": facts.get("kernel", UNKNOWN), "module": facts.get("driver_module"),
+            "loaded": facts.get("driver_loaded"), "secure_boot": facts.get("driver_secure_boot"),
+            "dnf": dnf.flavour_of(facts)}
+    changes, warnings = _branch_changes(facts, cfg)
+    changes += _kernel_devel_changes(facts)
+    if d["lock"]:
+        lock_changes, info["locks"] = _lock_changes(facts, cfg)
+        changes += lock_changes
+    module_changes, attention = _module_changes(facts, cfg)
+    changes += module_changes
+    if not any(p not in pk for p in d["packages"]) and not off_branch(pk, cfg):
+        attention += _reboot_attention(facts, cfg)
+    else:
+        warnings.append("the new kernel module loads only after a reboot (the step will say so)")
+    attention += _secure_boot_attention(facts)
+    gpus = facts.get("gpus")
+    if isinstance(gpus, list) and gpus:
+        info["nvidia_smi_driver"] = gpus[0].get("driver")
+    return Check(not changes, changes, attention=attention, warnings=warnings, info=info)
+
+
+def _branch_changes(facts: dict, cfg: dict) -> tuple[list[Change], list[str]]:
+    """The branch set: one install transaction with --allowerasing, then the leftovers it kept."""
     d = cfg["driver"]
     branch, major = d["branch"], branch_major(cfg)
     pk = dnf.installed(facts)
     fl = dnf.flavour_of(facts)
-    kernel = facts.get("kernel", UNKNOWN)
-    changes: list[Change] = []
-    attention: list[str] = []
-    warnings: list[str] = []
-
     missing = [p for p in d["packages"] if p not in pk]
     leftovers = off_branch(pk, cfg)
-    wrong_version = sorted(n for n in pk if in_family(n) and f"-{branch}" in n and not pk[n].startswith(major + "."))
-    info = {"branch": branch, "installed": {n: v for n, v in sorted(pk.items()) if in_family(n)},
-            "kernel": kernel, "module": facts.get("driver_module"), "loaded": facts.get("driver_loaded"),
-            "secure_boot": facts.get("driver_secure_boot"), "dnf": fl}
-
-    swap_cmd = cmd(transaction(facts, cfg, pk))
+    warnings = []
+    odd = sorted(n for n in pk if in_family(n) and f"-{branch}" in n and not pk[n].startswith(major + "."))
+    if odd:
+        warnings.append("packages of the branch with an unexpected version: " + ", ".join(f"{n} {pk[n]}" for n in odd))
+    if not missing and not leftovers:
+        return [], warnings
+    ops = []
+    if not facts.get("driver_kernel_devel"):
+        # Resolve the kernel-devel transaction first without changing anything (download only), so a
+        # failure there cannot leave the driver swapped with no headers to build its module.
+        argv = kernel_devel_install(facts)
+        ops.append(Dnf(argv[:3] + ["--downloadonly"] + argv[3:], NAME, "resolving kernel-devel for the running kernel"))
+    ops.append(Dnf(transaction(facts, cfg, pk), NAME, f"the {branch} driver transaction"))
+    if leftovers:
+        ops.append(Dnf(["sh", "-c", _REMOVE_LEFT.format(dnf=dnf.binary(fl)), "sh", *leftovers], NAME,
+                       "removing the remaining mainline driver packages"))
+    changes = []
+    if missing:
+        changes.append(Change("install " + ", ".join(missing),
+                              f"not installed; the GTX 1080 (Pascal) is supported only by NVIDIA's {major} legacy "
+                              f"branch ({branch}), module and userspace together", ops))
+    if leftovers:
+        changes.append(Change("remove " + ", ".join(f"{n} {pk[n]}" for n in leftovers),
+                              f"mainline driver packages: 59x dropped Pascal, and a {major} module with 59x userspace "
+                              "does not work; erased by the same transaction (--allowerasing)", ops))
     rv = releasever(facts, cfg)
     os_ = facts.get("os") if isinstance(facts.get("os"), dict) else {}
     host_rel = os_.get("version", UNKNOWN)
-    if missing or leftovers:
-        if missing:
-            changes.append(Change(
-                "install " + ", ".join(missing),
-                f"not installed; the GTX 1080 (Pascal) is supported only by NVIDIA's {major} legacy branch "
-                f"({branch}), module and userspace together", [swap_cmd]))
-        if leftovers:
-            changes.append(Change(
-                "remove " + ", ".join(f"{n} {pk[n]}" for n in leftovers),
-                f"mainline driver packages: 59x dropped Pascal, and a {major} module with 59x userspace does "
-                "not work; erased by the same transaction (--allowerasing)", [swap_cmd]))
-        if rv and str(rv) != str(host_rel):
-            host_os = ("Fedora" if os_.get("id") == "fedora" else str(os_.get("id", UNKNOWN)).capitalize())
-            warnings.append(f"--releasever={rv} installs packages built for Fedora {rv} on this {host_os} {host_rel} "
-                            f"host (the recipe's choice: RPM Fusion's {branch} split); later `dnf upgrade` runs do "
-                            "not track them, so the lock below holds them")
-    if wrong_version:
-        warnings.append("packages of the branch with an unexpected version: "
-                        + ", ".join(f"{n} {pk[n]}" for n in wrong_version))
+    if rv and str(rv) != str(host_rel):
+        host_os = "Fedora" if os_.get("id") == "fedora" else str(os_.get("id", UNKNOWN)).capitalize()
+        warnings.append(f"--releasever={rv} installs packages built for Fedora {rv} on this {host_os} {host_rel} "
+                        f"host (the recipe's choice: RPM Fusion's {branch} split); later `dnf upgrade` runs do "
+                        "not track them, so the lock below holds them")
+    return changes, warnings
 
-    kd = facts.get("driver_kernel_devel")
-    if not kd:  # [] = none, UNKNOWN/None = unreadable: install (dnf says "already installed" if present)
-        changes.append(Change(
-            f"install kernel-devel for the running kernel {kernel}",
-            "akmods builds the module against the running kernel's headers",
-            [cmd(kernel_devel_install(facts))]))
 
-    if d["lock"]:
-        state = lock_plan(facts, cfg, pk)
-        unlocked = [p for p, s in state.items() if s != "locked"]
-        if unlocked:
-            stale = [p for p in unlocked if state[p] == "stale"]
-            cmds = []
-            if stale:
-                cmds.append(cmd(dnf.versionlock_delete(stale, flavour=fl)))
-            cmds.append(cmd(dnf.versionlock_add(unlocked, flavour=fl)))
-            changes.append(Change(
-                "lock " + ", ".join(unlocked) + f" with dnf versionlock ({dnf.lock_file(fl)})",
-                "locked at another version" if stale and len(stale) == len(unlocked) else
-                "not locked: a `dnf upgrade` could move the driver off the branch", cmds))
-        info["locks"] = state
+def _kernel_devel_changes(facts: dict) -> list[Change]:
+    if facts.get("driver_kernel_devel"):   # [] = none, UNKNOWN/None = unreadable: install (dnf says if present)
+        return []
+    return [Change(f"install kernel-devel for the running kernel {facts.get('kernel', UNKNOWN)}",
+                   "akmods builds the module against the running kernel's headers",
+                   [Dnf(kernel_devel_install(facts), NAME, "installing kernel-devel for the running kernel")])]
 
-    module = facts.get("driver_module")
-    branch_ok = not missing and not leftovers
+
+def _lock_changes(facts: dict, cfg: dict) -> tuple[list[Change], dict[str, str]]:
+    """versionlock for the branch set, decided before the transaction runs: a package it installs while a
+    lock names it gets the locked version (dnf installs nothing else of it), so that lock will hold."""
+    fl = dnf.flavour_of(facts)
+    pk = dnf.installed(facts)
+    state = lock_plan(facts, cfg, pk)
+    unlocked = [p for p, st in state.items() if st == "unlocked" or (st == "stale" and p in pk)]
+    if not unlocked:
+        return [], state
+    stale = [p for p in unlocked if state[p] == "stale"]
+    ops = [Cmd(dnf.versionlock_delete(stale, flavour=fl), root=True)] if stale else []
+    ops.append(Cmd(dnf.versionlock_add(unlocked, flavour=fl), root=True))
+    why = ("locked at another version" if stale and len(stale) == len(unlocked) else
+           "not locked: a `dnf upgrade` could move the driver off the branch")
+    return [Change("lock " + ", ".join(unlocked) + f" with dnf versionlock ({dnf.lock_file(fl)})", why, ops)], state
+
+
+def _module_changes(facts: dict, cfg: dict) -> tuple[list[Change], list[str]]:
+    major = branch_major(cfg)
+    module, kernel = facts.get("driver_module"), facts.get("kernel", UNKNOWN)
     if module == UNKNOWN or module is None:
-        attention.append("cannot read the built module's version (modinfo missing); check with "
-                         "`modinfo -F version nvidia` after the step")
-    elif not str(module).startswith(major + "."):
-        changes.append(Change(
-            f"build the nvidia kernel module with akmods for {kernel}",
-            f"the module for the running kernel is {module or 'not built'}, not {major}.x",
-            [cmd(akmods_cmd(facts, cfg))]))
+        return [], ["cannot read the built module's version (modinfo missing); check with "
+                    "`modinfo -F version nvidia` after the step"]
+    if str(module).startswith(major + "."):
+        return [], []
+    return [Change(f"build the nvidia kernel module with akmods for {kernel}",
+                   f"the module for the running kernel is {module or 'not built'}, not {major}.x",
+                   [Akmods(akmods_cmd(facts, cfg), str(kernel), int(cfg["driver"]["akmods_timeout"]), major,
+                           cfg["driver"]["branch"])])], []
 
-    loaded = facts.get("driver_loaded")
-    if branch_ok:
-        if not (isinstance(loaded, str) and loaded.startswith(major + ".")):
-            attention.append(
-                f"reboot required: the loaded NVIDIA kernel module is {loaded or 'none'}, the installed one is "
-                f"{module if module not in (None, UNKNOWN, '') else major + '.x'}; after the reboot confirm with "
-                "`nvidia-smi` and `cat /proc/driver/nvidia/version`")
-    else:
-        warnings.append("the new kernel module loads only after a reboot (the step will say so)")
 
+def _reboot_attention(facts: dict, cfg: dict) -> list[str]:
+    major = branch_major(cfg)
+    loaded, module = facts.get("driver_loaded"), facts.get("driver_module")
+    if isinstance(loaded, str) and loaded.startswith(major + "."):
+        return []
+    return [f"reboot required: the loaded NVIDIA kernel module is {loaded or 'none'}, the installed one is "
+            f"{module if module not in (None, UNKNOWN, '') else major + '.x'}; after the reboot confirm with "
+            "`nvidia-smi` and `cat /proc/driver/nvidia/version`"]
+
+
+def _secure_boot_attention(facts: dict) -> list[str]:
     sb = facts.get("driver_secure_boot")
-    if isinstance(sb, dict) and sb.get("state") == "enabled" and sb.get("key") != "enrolled":
-        attention.append(
-            "Secure Boot is on and the akmods signing key is " + ("not created yet" if sb.get("key") == "missing"
-                                                                   else "not enrolled")
+    if not (isinstance(sb, dict) and sb.get("state") == "enabled" and sb.get("key") != "enrolled"):
+        return []
+    return ["Secure Boot is on and the akmods signing key is " + ("not created yet" if sb.get("key") == "missing"
+                                                                 else "not enrolled")
             + ": the kernel refuses the unsigned module ('Required key not available'). Enrol it: "
-            f"`sudo mokutil --import {AKMODS_KEY}`, reboot, and confirm the key in the MOK manager")
-
-    gpus = facts.get("gpus")
-    if isinstance(gpus, list) and gpus:
-        info["nvidia_smi_driver"] = gpus[0].get("driver")
-
-    return Check(not changes, changes, attention=attention, warnings=warnings, info=info)
+            f"`sudo mokutil --import {AKMODS_KEY}`, reboot, and confirm the key in the MOK manager"]
 
 
 # --- apply ------------------------------------------------------------------------------------------
+
+def apply(host, facts: dict, cfg: dict, chk: Check):
+    require_fedora(facts, NAME)
+    return run_changes(host, chk)
+
 
 def _say(host, line: str) -> None:
     print(f"[{NAME}] {line}", flush=True)
@@ -294,97 +336,44 @@ def _say(host, line: str) -> None:
         host.log(f"# {line}")
 
 
-def apply(host, facts: dict, cfg: dict, chk: Check):
-    require_fedora(facts, NAME)
-    d = cfg["driver"]
-    major = branch_major(cfg)
-    pk = dnf.installed(facts)
-    fl = dnf.flavour_of(facts)
-    missing = [p for p in d["packages"] if p not in pk]
-    leftovers = off_branch(pk, cfg)
-    need_kdevel = not facts.get("driver_kernel_devel")
-    swapped = False
-
-    if need_kdevel and (missing or leftovers):
-        # Resolve the kernel-devel transaction first without changing anything (download only), so a
-        # failure there cannot leave the driver swapped with no headers to build its module.
-        argv = kernel_devel_install(facts)
-        dnf.run_transaction(host, NAME, "resolving kernel-devel for the running kernel",
-                            argv[:3] + ["--downloadonly"] + argv[3:])
-
-    if missing or leftovers:
-        argv = transaction(facts, cfg, pk)
-        _say(host, "installing the " + d["branch"] + " set in one transaction: " + cmd(argv))
-        dnf.run_transaction(host, NAME, f"the {d['branch']} driver transaction", argv)
-        swapped = True
-        # Mainline packages that did not conflict with the branch set (so --allowerasing kept them).
-        if leftovers:
-            res = host.run(["rpm", "-q", "--qf", "%{NAME}\\n", *leftovers], check=False)
-            still = [ln.strip() for ln in (res.stdout or "").splitlines()
-                     if ln.strip() in leftovers]
-            if still:
-                dnf.run_transaction(host, NAME, "removing the remaining mainline driver packages",
-                                    dnf.remove(still, flavour=fl))
-
-    if need_kdevel:
-        dnf.run_transaction(host, NAME, "installing kernel-devel for the running kernel", kernel_devel_install(facts))
-
-    if d["lock"]:
-        installed_now = _query_installed(host, d["packages"]) if swapped else pk
-        state = lock_plan(facts, cfg, installed_now)
-        todo = [p for p, s in state.items() if s != "locked"]
-        stale = [p for p in todo if state[p] == "stale"]
-        if stale:
-            host.run(dnf.versionlock_delete(stale, flavour=fl), root=True)
-        if todo:
-            host.run(dnf.versionlock_add(todo, flavour=fl), root=True)
-
-    module = _module_version(host)
-    if not module.startswith(major + "."):
-        module = _build_module(host, facts, cfg, module)
-    _say(host, f"kernel module for {facts.get('kernel')}: nvidia {module}")
-    return []
-
-
-def _query_installed(host, names) -> dict[str, str]:
-    res = host.run(["rpm", "-q", "--qf", "%{NAME}\\t%{VERSION}-%{RELEASE}\\n", *names], check=False)
-    out = {}
-    for ln in (res.stdout or "").splitlines():
-        n, sep, v = ln.partition("\t")
-        if sep:
-            out[n] = v
-    return out
-
-
 def _module_version(host) -> str:
     res = host.run(["modinfo", "-F", "version", "nvidia"], check=False)
     return (res.stdout or "").strip() if res.exited == 0 else ""
 
 
-def _build_module(host, facts: dict, cfg: dict, before: str) -> str:
-    """Run akmods for the running kernel, bounded by driver.akmods_timeout, its output as progress."""
-    major = branch_major(cfg)
-    limit = int(cfg["driver"]["akmods_timeout"])
-    argv = akmods_cmd(facts, cfg)
-    _say(host, f"building the nvidia kernel module with akmods (up to {limit}s; was {before or 'none'})")
-    t0 = time.monotonic()
-    res = host.run(argv, root=True, check=False, timeout=limit + 60,
-                   stream=lambda line: _say(host, f"akmods: {line}") if line.strip() else None)
-    dt = time.monotonic() - t0
-    out = (res.stdout or "") + "\n" + (res.stderr or "")
-    if res.exited in (124, 137):
-        raise StepError(f"{NAME}: akmods did not finish within {limit}s (driver.akmods_timeout)",
-                        f"raise driver.akmods_timeout, or read the build log under {AKMODS_LOGS} and run the step again",
-                        command=cmd(argv), exited=res.exited, output=out)
-    if res.exited == 127:
-        raise StepError(f"{NAME}: akmods is not installed (it comes with akmod-nvidia-{cfg['driver']['branch']})",
-                        "install akmods (dnf install akmods) and run the step again", command=cmd(argv),
-                        exited=res.exited, output=out)
-    module = _module_version(host)
-    if res.exited != 0 or not module.startswith(major + "."):
-        raise StepError(f"{NAME}: akmods could not build the {major} kernel module for {facts.get('kernel')} "
-                        f"(module now: {module or 'none'})",
-                        f"read the failed build log under {AKMODS_LOGS} (kernel-devel must match `uname -r` exactly), "
-                        "fix it and run the step again", command=cmd(argv), exited=res.exited, output=out)
-    _say(host, f"akmods built nvidia {module} in {dt:.1f}s")
-    return module
+@dataclass
+class Akmods(Op):
+    """`akmods --force --kernels K` bounded by driver.akmods_timeout, its output shown as progress; then the
+    built module must be of the branch (`modinfo -F version nvidia`), or the step fails with akmods' log."""
+    argv: list[str]
+    kernel: str
+    limit: int
+    major: str
+    branch: str
+    root: bool = True
+
+    def text(self) -> str:
+        return cmd(self.argv)
+
+    def run(self, host, state: dict):
+        _say(host, f"building the nvidia kernel module with akmods (up to {self.limit}s)")
+        t0 = time.monotonic()
+        res = host.run(self.argv, root=True, check=False, timeout=self.limit + 60,
+                       stream=lambda line: _say(host, f"akmods: {line}") if line.strip() else None)
+        out = (res.stdout or "") + "\n" + (res.stderr or "")
+        fail = dict(command=cmd(self.argv), exited=res.exited, output=out)
+        if res.exited in (124, 137):
+            raise StepError(f"{NAME}: akmods did not finish within {self.limit}s (driver.akmods_timeout)",
+                            f"raise driver.akmods_timeout, or read the build log under {AKMODS_LOGS} and run the step "
+                            "again", **fail)
+        if res.exited == 127:
+            raise StepError(f"{NAME}: akmods is not installed (it comes with akmod-nvidia-{self.branch})",
+                            "install akmods (dnf install akmods) and run the step again", **fail)
+        module = _module_version(host)
+        if res.exited != 0 or not module.startswith(self.major + "."):
+            raise StepError(f"{NAME}: akmods could not build the {self.major} kernel module for {self.kernel} "
+                            f"(module now: {module or 'none'})",
+                            f"read the failed build log under {AKMODS_LOGS} (kernel-devel must match `uname -r` "
+                            "exactly), fix it and run the step again", **fail)
+        _say(host, f"akmods built nvidia {module} in {time.monotonic() - t0:.1f}s")
+        return None

@@ -27,15 +27,19 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shlex
 import sys
 import time
+from dataclasses import dataclass, field
 
 from .. import config as cfgmod
+from .. import dnf
 from .. import fetch as fetchmod
 from .. import lockfile
-from ..engine import Change, Check, StepError, require_fedora
+from ..engine import Change, Check, StepError, require_fedora, run_changes
 from ..facts import UNKNOWN, Fact, qpath
+from ..ops import Cmd, Dnf, Op, Refuse
 
 NAME = "models"
 TITLE = "GGUF model and MTP assistant head"
@@ -215,66 +219,118 @@ def check(facts: dict, cfg: dict) -> Check:
     mcfg = cfg["models"]
     lock_path = lockfile.path(cfg)
     if not isinstance(m, dict):
+        items = {k: {"lock": None, "expect_arch": "", "action": "download"} for k in mcfg["files"]}
         return Check.todo([Change("inspect and download the model files",
-                                  "the models fact could not be read (is python3 installed on the target?)")],
-                          info={"lock": lock_path})
+                                  "the models fact could not be read (is python3 installed on the target?)",
+                                  _download_ops(facts, cfg, items))], info={"lock": lock_path})
     items = plan_files(facts, cfg)
-    changes: list[Change] = []
-    warnings: list[str] = []
-    attention: list[str] = []
-    to_fetch = 0
-    unknown = []
-    for key, it in items.items():
-        cmd = f"python3 -c <gpubox fetch> ({it['repo']}/{it['filename']}@{it['revision']} -> {mcfg['dir']})"
-        if it["action"] in ("download", "resume"):
-            left = (it["size"] - it["have"]) if isinstance(it["size"], int) else None
-            if left is None:
-                unknown.append(it["filename"])
-            else:
-                to_fetch += left
-            verb = "resume" if it["action"] == "resume" else "download"
-            changes.append(Change(f"{verb} {it['filename']} ({human(left) if left is not None else 'unknown size'})",
-                                  it["why"] + (f"; the Hub was not reachable for its size ({it['remote_error']})"
-                                               if it.get("remote_error") else ""), [cmd]))
-        elif it["action"] == "verify":
-            changes.append(Change(f"verify {it['filename']} (sha256 of {human(it['size'])})", it["why"], [cmd]))
-        f = mcfg["files"][key]
-        remote_sha = str(it["remote"].get("sha256") or "")
-        if (it["action"] != "ok" and not f.get("sha256") and not f.get("allow_unverified") and "commit" in it["remote"]
-                and not (len(remote_sha) == 64 and all(ch in "0123456789abcdef" for ch in remote_sha))):
-            warnings.append(f"the Hub reports no sha256 for {it['repo']}/{it['filename']} and models.files.{key}.sha256 "
-                            f"is empty: provision will refuse to put it in place (pin the sha256, or set "
-                            f"models.files.{key}.allow_unverified=true)")
-        if it["action"] == "ok" and it["lock"] and it["expect_arch"] and it["lock"].get("arch") != it["expect_arch"]:
-            changes.append(Change(f"{it['filename']}: general.architecture {it['lock'].get('arch')!r} does not match the "
-                                  f"fork build ({cfgmod.fork_pin(cfg).get('profile')}: {it['expect_arch']!r})",
-                                  arch_fix(cfg, it["lock"].get("arch"))))
-        owner_uid = m.get("owner_uid")
-        if it["action"] == "ok" and owner_uid is not None and it["uid"] is not None and it["uid"] != owner_uid:
-            changes.append(Change(f"chown {it['filename']} to {_owner(cfg) or 'the login user'}",
-                                  f"owned by uid {it['uid']}", [f"chown ... {mcfg['dir']}/{it['filename']}"]))
+    changes = _file_changes(facts, cfg, items)
+    warnings = _disk_warnings(facts, cfg, items) + _unverified_warnings(cfg, items)
+    changes += _chown_changes(facts, cfg, items)
     if not m.get("hf") and any(it["action"] != "ok" for it in items.values()):
-        changes.insert(0, Change(f"install {mcfg['hf_package']}", "huggingface_hub is not importable by the target's python3",
-                                 [f"dnf -y install {mcfg['hf_package']}"]))
-    free = m.get("free")
-    reserve = mcfg["reserve_gb"] * 1024 ** 3
-    if to_fetch and isinstance(free, int) and to_fetch + reserve > free:
-        warnings.append(f"not enough disk at {mcfg['dir']}: {human(to_fetch)} to download + {human(reserve)} reserve, "
-                        f"{human(free)} free: the download would stop before starting")
+        changes.insert(0, Change(f"install {mcfg['hf_package']}", "huggingface_hub is not importable by the target's "
+                                 "python3", [Dnf(dnf.install([mcfg["hf_package"]], flavour=dnf.flavour_of(facts)),
+                                                 NAME, "installing huggingface_hub")]))
     lock = m.get("lock")
     if isinstance(lock, dict) and "_error" in lock:
         warnings.append(f"{lock_path} is unreadable ({lock['_error']}): it will be rewritten")
-    new_box = lockfile.box(facts, cfg)
-    if not changes and not (isinstance(lock, dict) and lock.get("format") == lockfile.FORMAT and lock.get("box") == new_box):
+    writes_lock = any(isinstance(o, WriteLock) for c in changes for o in c.ops)
+    if not writes_lock and not (isinstance(lock, dict) and lock.get("format") == lockfile.FORMAT
+                                and lock.get("box") == lockfile.box(facts, cfg)):
         changes.append(Change(f"record the box in {lock_path}", "the lock is missing or describes another state "
-                              "(fork, driver, CUDA, compiler)", [f"write {lock_path}"]))
-    info = {"lock": lock_path, "download_bytes": to_fetch, "unknown_size": unknown,
+                              "(fork, driver, CUDA, compiler)", [WriteLock(lock_path, _old_lock(m), facts, cfg)]))
+    info = {"lock": lock_path, "download_bytes": _to_fetch(items)[0], "unknown_size": _to_fetch(items)[1],
             "files": {k: {"file": f"{mcfg['dir']}/{it['filename']}", "action": it["action"], "size": it["size"],
                           "commit": (it["lock"] or {}).get("commit") or it["remote"].get("commit"),
                           "sha256": (it["lock"] or {}).get("sha256")} for k, it in items.items()}}
-    if changes:
-        return Check.todo(changes, warnings=warnings, attention=attention, info=info)
-    return Check.done(warnings=warnings, attention=attention, info=info)
+    return Check(not changes, changes, warnings=warnings, info=info)
+
+
+def _to_fetch(items: dict) -> tuple[int, list[str]]:
+    """(bytes left to download, files of unknown size)."""
+    total, unknown = 0, []
+    for it in items.values():
+        if it["action"] in ("download", "resume"):
+            if isinstance(it["size"], int):
+                total += it["size"] - it["have"]
+            else:
+                unknown.append(it["filename"])
+    return total, unknown
+
+
+def _file_changes(facts: dict, cfg: dict, items: dict) -> list[Change]:
+    """One change per file to download, resume or verify, all made by one downloader run (then the lock);
+    an intact file whose architecture does not match the fork build stops the step."""
+    work = {k: it for k, it in items.items() if it["action"] != "ok"}
+    ops = _download_ops(facts, cfg, work) if work else []
+    changes = []
+    for it in work.values():
+        if it["action"] in ("download", "resume"):
+            left = (it["size"] - it["have"]) if isinstance(it["size"], int) else None
+            changes.append(Change(f"{it['action']} {it['filename']} ({human(left) if left is not None else 'unknown size'})",
+                                  it["why"] + (f"; the Hub was not reachable for its size ({it['remote_error']})"
+                                               if it.get("remote_error") else ""), ops))
+        else:
+            changes.append(Change(f"verify {it['filename']} (sha256 of {human(it['size'])})", it["why"], ops))
+    for it in items.values():
+        if it["action"] == "ok" and it["lock"] and it["expect_arch"] and it["lock"].get("arch") != it["expect_arch"]:
+            cause = (f"{NAME}: {it['filename']} has general.architecture {it['lock'].get('arch')!r}, but the fork "
+                     f"build ({cfgmod.fork_pin(cfg).get('profile')}) loads {it['expect_arch']!r}; no server started")
+            changes.append(Change(f"{it['filename']}: general.architecture {it['lock'].get('arch')!r} does not match "
+                                  f"the fork build ({cfgmod.fork_pin(cfg).get('profile')}: {it['expect_arch']!r})",
+                                  arch_fix(cfg, it["lock"].get("arch")),
+                                  [Refuse(cause, arch_fix(cfg, it["lock"].get("arch")))]))
+    return changes
+
+
+def _unverified_warnings(cfg: dict, items: dict) -> list[str]:
+    """Files the Hub gives no sha256 for while models.files.<key>.sha256 is empty: provision refuses them."""
+    out = []
+    for key, it in items.items():
+        f = cfg["models"]["files"][key]
+        remote_sha = str(it["remote"].get("sha256") or "")
+        if (it["action"] != "ok" and not f.get("sha256") and not f.get("allow_unverified") and "commit" in it["remote"]
+                and not (len(remote_sha) == 64 and all(ch in "0123456789abcdef" for ch in remote_sha))):
+            out.append(f"the Hub reports no sha256 for {it['repo']}/{it['filename']} and models.files.{key}.sha256 "
+                       f"is empty: provision will refuse to put it in place (pin the sha256, or set "
+                       f"models.files.{key}.allow_unverified=true)")
+    return out
+
+
+def _chown_changes(facts: dict, cfg: dict, items: dict) -> list[Change]:
+    m = facts["models"]
+    owner_uid = m.get("owner_uid")
+    owner = _owner(cfg)
+    out = []
+    for it in items.values():
+        if it["action"] == "ok" and owner_uid is not None and it["uid"] is not None and it["uid"] != owner_uid:
+            path = posixpath.join(m.get("dir") or cfg["models"]["dir"], it["filename"])
+            out.append(Change(f"chown {it['filename']} to {owner or 'the login user'}", f"owned by uid {it['uid']}",
+                              [Cmd(["chown", f"{owner}:" if owner else str(owner_uid), path], root=True)]))
+    return out
+
+
+def _disk_warnings(facts: dict, cfg: dict, items: dict) -> list[str]:
+    mcfg = cfg["models"]
+    free = facts["models"].get("free")
+    to_fetch = _to_fetch(items)[0]
+    reserve = mcfg["reserve_gb"] * 1024 ** 3
+    if to_fetch and isinstance(free, int) and to_fetch + reserve > free:
+        return [f"not enough disk at {mcfg['dir']}: {human(to_fetch)} to download + {human(reserve)} reserve, "
+                f"{human(free)} free: the download would stop before starting"]
+    return []
+
+
+def _old_lock(m: dict) -> dict | None:
+    lock = m.get("lock") if isinstance(m, dict) else None
+    return lock if isinstance(lock, dict) and "_error" not in lock else None
+
+
+def _download_ops(facts: dict, cfg: dict, work: dict) -> list:
+    """The downloader run on the target for these files, then the lock written from what it verified."""
+    m = facts.get("models") if isinstance(facts.get("models"), dict) else {}
+    return [Download(spec(facts, cfg, work, None), root=_needs_root(facts, cfg)),
+            WriteLock(lockfile.path(cfg), _old_lock(m), facts, cfg)]
 
 
 # --- apply -------------------------------------------------------------------------------------------
@@ -361,50 +417,61 @@ def _needs_root(facts: dict, cfg: dict) -> bool:
 
 
 def apply(host, facts: dict, cfg: dict, check: Check):
-    mcfg = cfg["models"]
-    m = facts.get("models") if isinstance(facts.get("models"), dict) else {}
-    items = plan_files(facts, cfg) if m else {k: {"lock": None, "expect_arch": "", "action": "download"} for k in mcfg["files"]}
-    work = {k: it for k, it in items.items() if it["action"] != "ok"}
-    if work and m and not m.get("hf"):
+    if any(isinstance(o, Dnf) for o in check.operations()):
         require_fedora(facts, NAME)
-        host.run(["dnf", "-y", "install", mcfg["hf_package"]], root=True)
-    results, errors = [], []
-    if work:
+    return run_changes(host, check)
+
+
+@dataclass
+class Download(Op):
+    """provision/fetch.py sent to the target and run there, where the files belong: it resumes partial files,
+    verifies sha256 while downloading and prints @@progress lines (rendered here) and one @@result. Its
+    results and errors go to `state` for WriteLock, which writes the lock first and then reports them."""
+    spec: dict
+    root: bool = False
+
+    def text(self) -> str:
+        files = ", ".join(f"{f['repo']}/{f['filename']}@{f['revision']}" for f in self.spec["files"])
+        return f"python3 -c <provision/fetch.py> download {files} -> {self.spec['dir']} (resumed, sha256 verified)"
+
+    def run(self, host, state: dict):
         token = os.environ.get("HF_TOKEN") or None
-        sp = dict(spec(facts, cfg, work, None), token_stdin=bool(token))
-        render = Render(mcfg["progress_interval"])
+        sp = dict(self.spec, token_stdin=bool(token))
+        render = Render(sp["progress_interval"])
         r = host.run(["python3", "-c", fetchmod.BOOT, fetchmod.packed_source(), json.dumps(sp)],
-                     stdin=(token + "\n") if token else None, root=_needs_root(facts, cfg), check=False, stream=render)
+                     stdin=(token + "\n") if token else None, root=self.root, check=False, stream=render)
         found = render.tagged("result")
-        errors = render.tagged("error")
-        if found:
-            results = found[-1]["files"]
-        if not found and not errors:
-            out = "\n".join(l for l in render.lines if not l.startswith("@@progress"))
+        state["errors"] = render.tagged("error")
+        state["results"] = found[-1]["files"] if found else []
+        if not found and not state["errors"]:
+            out = "\n".join(line for line in render.lines if not line.startswith("@@progress"))
             raise StepError(f"{NAME}: the downloader on the target exited {r.exited} without a result",
                             "see the output below; python3 and huggingface_hub must work on the target",
-                            command="python3 -c <gpubox fetch>", exited=r.exited, output=(out + "\n" + (r.stderr or "")).strip())
-    # The lock: new results + still-valid old entries + the box as it is now.
-    old = m.get("lock") if isinstance(m.get("lock"), dict) and "_error" not in m.get("lock") else None
-    new = lockfile.build(old, facts, cfg, results)
-    if new != old:
-        write_lock(host, lockfile.path(cfg), lockfile.dumps(new))
-    # Ownership of files that were already in place.
-    owner = _owner(cfg)
-    for key, it in items.items():
-        if it["action"] == "ok" and m.get("owner_uid") is not None and it.get("uid") not in (None, m["owner_uid"]):
-            host.run(["chown", f"{owner}:" if owner else str(m["owner_uid"]),
-                      new["models"][key]["path"]], root=True)
-    if errors:
-        e = errors[0]
-        more = "".join(f"\n  also: {x['message']}" for x in errors[1:])
-        cause = f"{NAME}: {e['message']}{more}"
-        raise StepError(cause, e.get("fix", ""))
-    arch_bad = [it for it in items.values() if it["action"] == "ok" and it["expect_arch"] and it["lock"]
-                and it["lock"].get("arch") != it["expect_arch"]]
-    if arch_bad:
-        it = arch_bad[0]
-        raise StepError(f"{NAME}: {it['filename']} has general.architecture {it['lock'].get('arch')!r}, but the fork "
-                        f"build ({cfgmod.fork_pin(cfg).get('profile')}) loads {it['expect_arch']!r}; no server started",
-                        arch_fix(cfg, it["lock"].get("arch")))
-    return None
+                            command="python3 -c <gpubox fetch>", exited=r.exited,
+                            output=(out + "\n" + (r.stderr or "")).strip())
+        return None
+
+
+@dataclass
+class WriteLock(Op):
+    """The lock: the downloader's results + the still-valid old entries + the box as it is now, written
+    atomically when it differs; then the downloader's errors, if any, stop the step."""
+    path: str
+    old: dict | None
+    facts: dict = field(repr=False)
+    cfg: dict = field(repr=False)
+    root: bool = True
+
+    def text(self) -> str:
+        return f"write {self.path} (the lock: files, commits, sha256 and the box, when it changed)"
+
+    def run(self, host, state: dict):
+        new = lockfile.build(self.old, self.facts, self.cfg, state.get("results", []))
+        if new != self.old:
+            write_lock(host, self.path, lockfile.dumps(new))
+        errors = state.get("errors") or []
+        if errors:
+            e = errors[0]
+            more = "".join(f"\n  also: {x['message']}" for x in errors[1:])
+            raise StepError(f"{NAME}: {e['message']}{more}", e.get("fix", ""))
+        return None

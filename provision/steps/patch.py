@@ -39,8 +39,9 @@ from typing import Any, Iterable
 import yaml
 
 from .. import resources
-from ..engine import Change, Check, StepError
+from ..engine import Change, Check, StepError, run_changes
 from ..facts import UNKNOWN, Fact
+from ..ops import Op
 from ..host import sh
 
 NAME = "patch"
@@ -472,10 +473,7 @@ def check(facts: dict, cfg: dict) -> Check:
     if st.known_original:
         info["original"] = st.known_original
     info["backup"] = (st.header + BACKUP_SUFFIX) if st.backup else "none"
-    cmds = [f"read {st.header}; rewrite {len(rs.rules)} declarations + preamble ({rs.id})",
-            sh("cp -p {h} {h}.gpubox-tmp && mv {h}.gpubox-tmp {b}   # backup, once", h=st.header,
-               b=st.header + BACKUP_SUFFIX),
-            f"write {st.header} (temp file, sha256 checked, rename; owner and mode kept)"]
+    cmds = [PatchHeader(st.header, rs)]
     if st.satisfied:
         info["pairs"] = dict(st.analysis.pairs)
         warnings = []
@@ -574,23 +572,38 @@ def edit_atomic(host, path: str, edits: Edits | None, want_sha256: str, owner: s
 
 
 def apply(host, facts: dict, cfg: dict, check: Check):
-    rs = rules_for(cfg)
-    h = header_path(cfg)
-    owner, mode, backup, text = _read(host, h)
-    a = analyze_text(text, rs)
-    if a.kind == "unknown":
-        raise _refuse_unknown(h, a, rs)
-    if a.satisfied:
-        return [f"{h} was already patched ({a.kind})"]
-    edits = edits_for(text, rs)
-    new = edits.apply_to(text)
-    cur = hashlib.sha256(text.encode()).hexdigest()
-    # The backup holds the original: written when missing, and replaced when the header is unpatched
-    # but differs from it (a package update brought a new original).
-    if backup is None or (a.kind == "unpatched" and backup != cur):
-        host.run(["sh", "-c", _BACKUP, "sh", h, h + BACKUP_SUFFIX, cur], root=True)
-    edit_atomic(host, h, edits, hashlib.sha256(new.encode()).hexdigest(), owner, mode)
-    return []
+    return run_changes(host, check)
+
+
+@dataclass
+class PatchHeader(Op):
+    """Read the header (checked byte for byte), refuse one the rules do not know, keep the original as
+    <header>.gpubox-orig, and put the rewritten text in place atomically (temp file, sha256, rename)."""
+    header: str
+    rules: RuleSet
+    root: bool = True
+
+    def text(self) -> str:
+        return (f"patch {self.header}: {len(self.rules.rules)} declarations + preamble ({self.rules.id}); original "
+                f"kept as {self.header}{BACKUP_SUFFIX}; temp file, sha256 checked, rename (owner and mode kept)")
+
+    def run(self, host, state: dict):
+        h, rs = self.header, self.rules
+        owner, mode, backup, text = _read(host, h)
+        a = analyze_text(text, rs)
+        if a.kind == "unknown":
+            raise _refuse_unknown(h, a, rs)
+        if a.satisfied:
+            return [f"{h} was already patched ({a.kind})"]
+        edits = edits_for(text, rs)
+        new = edits.apply_to(text)
+        cur = hashlib.sha256(text.encode()).hexdigest()
+        # The backup holds the original: written when missing, and replaced when the header is unpatched
+        # but differs from it (a package update brought a new original).
+        if backup is None or (a.kind == "unpatched" and backup != cur):
+            host.run(["sh", "-c", _BACKUP, "sh", h, h + BACKUP_SUFFIX, cur], root=True)
+        edit_atomic(host, h, edits, hashlib.sha256(new.encode()).hexdigest(), owner, mode)
+        return None
 
 
 def undo(host, facts: dict, cfg: dict) -> list[str]:

@@ -48,6 +48,11 @@ def whats(chk):
     return [c.what for c in chk.changes]
 
 
+def remove_left(names):
+    return ("sh -c 'left=; for p in \"$@\"; do rpm -q --quiet -- \"$p\" && left=\"$left $p\"; done; "
+            "[ -z \"$left\" ] || exec dnf5 -y remove $left' sh " + " ".join(names))
+
+
 def test_mainline_host_plans_the_swap_lock_and_module(cfg):
     chk = driver.check(fedora(MAINLINE, module="590.48.01"), cfg)
     assert not chk.satisfied
@@ -58,7 +63,12 @@ def test_mainline_host_plans_the_swap_lock_and_module(cfg):
     assert w[3] == f"build the nvidia kernel module with akmods for {KERNEL}"
     # One transaction for install + removal: the recipe's swap extended to the userspace set.
     swap = "dnf5 -y install --allowerasing --releasever=44 " + " ".join(cfg["driver"]["packages"])
-    assert chk.changes[0].commands == [swap] and chk.changes[1].commands == [swap]
+    # ... and the mainline packages it kept (no conflict) go in one more transaction: the same operations
+    # fix both changes and run once.
+    left = remove_left(sorted(driver.off_branch(MAINLINE, cfg)))
+    assert chk.changes[0].commands == [swap, left] and chk.changes[1].commands == [swap, left]
+    assert chk.changes[0].ops[0] is chk.changes[1].ops[0]
+    assert chk.planned[:2] == ["# " + swap, "# " + left]
     assert "59x dropped Pascal" in chk.changes[1].why
     assert any("--releasever=44 installs packages built for Fedora 44 on this Fedora 42" in x for x in chk.warnings)
     assert chk.changes[3].commands == [f"timeout --kill-after=15 900 akmods --force --kernels {KERNEL}"]
@@ -233,40 +243,38 @@ def apply_with(cfg, f, responses):
 def test_apply_swaps_in_one_transaction_locks_and_builds(cfg, capsys):
     pk_after = "".join(f"{n}\t{v}\n" for n, v in BRANCH.items())
     swap = "dnf5 -y install --allowerasing --releasever=44 " + " ".join(cfg["driver"]["packages"])
+    left = remove_left(sorted(driver.off_branch(MAINLINE, cfg)))
     cmds, extra = apply_with(cfg, fedora(MAINLINE, module="590.48.01"), {
         swap: Result(),
-        re.compile(r"^rpm -q --qf '%\{NAME\}\\n' akmod-nvidia "): Result(stdout="", exited=1),
-        re.compile(r"^rpm -q --qf '%\{NAME\}\\t"): Result(stdout=pk_after),
+        left: Result(),
         "dnf5 versionlock add " + " ".join(cfg["driver"]["packages"]): Result(),
-        "modinfo -F version nvidia": [Result(stdout="590.48.01\n"), Result(stdout="580.119.02\n")],
+        "modinfo -F version nvidia": Result(stdout="580.119.02\n"),
         f"timeout --kill-after=15 900 akmods --force --kernels {KERNEL}":
             Result(stdout="Building and installing nvidia-580xx-580.119.02 for x  [  OK  ]\n"),
     })
+    # Exactly the check's operations, in order (akmods' own check of the result after it).
     assert cmds == [
         swap,
-        "rpm -q --qf '%{NAME}\\n' " + " ".join(sorted(cfg["driver"]["replaces"])),   # mainline left over? (none)
-        "rpm -q --qf '%{NAME}\\t%{VERSION}-%{RELEASE}\\n' " + " ".join(cfg["driver"]["packages"]),
+        left,
         "dnf5 versionlock add " + " ".join(cfg["driver"]["packages"]),
-        "modinfo -F version nvidia",
         f"timeout --kill-after=15 900 akmods --force --kernels {KERNEL}",
         "modinfo -F version nvidia",
     ]
     out = capsys.readouterr().out
-    assert "[driver] building the nvidia kernel module with akmods (up to 900s; was 590.48.01)" in out
+    assert "[driver] building the nvidia kernel module with akmods (up to 900s)" in out
     assert "[driver] akmods built nvidia 580.119.02" in out
 
 
 def test_apply_removes_mainline_packages_the_transaction_kept(cfg):
     pk = dict(MAINLINE, **{"xorg-x11-drv-nvidia-power": "590.48.01-1.fc42"})
     swap = "dnf5 -y install --allowerasing --releasever=44 " + " ".join(cfg["driver"]["packages"])
+    left = remove_left(sorted(driver.off_branch(pk, cfg)))
+    assert "xorg-x11-drv-nvidia-power" in left
     cmds, _ = apply_with(cfg, fedora(pk, module="580.119.02", locks=toml_for(BRANCH)), {
         swap: Result(),
-        re.compile(r"^rpm -q --qf '%\{NAME\}\\n' "): Result(stdout="xorg-x11-drv-nvidia-power\n", exited=1),
-        re.compile(r"^rpm -q --qf '%\{NAME\}\\t"): Result(stdout="".join(f"{n}\t{v}\n" for n, v in BRANCH.items())),
-        "dnf5 -y remove xorg-x11-drv-nvidia-power": Result(),
-        "modinfo -F version nvidia": Result(stdout="580.119.02\n"),
+        left: Result(),
     })
-    assert "dnf5 -y remove xorg-x11-drv-nvidia-power" in cmds
+    assert cmds == [swap, left]
     assert not any("versionlock" in c for c in cmds)   # already held at these versions
 
 

@@ -21,7 +21,7 @@ from invoke import Context, MockContext, Result
 
 from provision import config
 from provision import facts as factmod
-from provision.engine import Check, StepError
+from provision.engine import StepError
 from provision.host import Host
 from provision.steps import patch
 
@@ -385,7 +385,7 @@ def commands(c: MockContext) -> list[str]:
 
 def test_apply_unpatched_backs_up_then_writes_the_patched_text(cfg, header, rs, tmp_path):
     host, c = mock_host(read_result(header))
-    assert patch.apply(host, {}, cfg, Check(False)) == []
+    assert patch.apply(host, {}, cfg, patch.check({}, cfg)) == []
     cmds = commands(c)
     h = patch.header_path(cfg)
     sha_old = hashlib.sha256(header.encode()).hexdigest()
@@ -406,27 +406,27 @@ def test_apply_unpatched_backs_up_then_writes_the_patched_text(cfg, header, rs, 
 def test_apply_keeps_an_existing_backup_of_the_same_original(cfg, header):
     sha = hashlib.sha256(header.encode()).hexdigest()
     host, c = mock_host(read_result(header, backup=sha, stat="0:0 640"))
-    patch.apply(host, {}, cfg, Check(False))
+    patch.apply(host, {}, cfg, patch.check({}, cfg))
     cmds = commands(c)
     assert len(cmds) == 2 and cmds[1].endswith(" 0:0 640")
 
 
 def test_apply_replaces_a_stale_backup_when_a_new_original_arrived(cfg, header):
     host, c = mock_host(read_result(header, backup="0" * 64))
-    patch.apply(host, {}, cfg, Check(False))
+    patch.apply(host, {}, cfg, patch.check({}, cfg))
     assert "gpubox-orig" in commands(c)[1]
 
 
 def test_apply_on_patched_header_changes_nothing(cfg, header, rs):
     host, c = mock_host(read_result(recipe_style(header)))
-    assert "already patched" in patch.apply(host, {}, cfg, Check(False))[0]
+    assert "already patched" in patch.apply(host, {}, cfg, patch.check({}, cfg))[0]
     assert len(commands(c)) == 1
 
 
 def test_apply_refuses_unknown_header_without_writing(cfg, header):
     host, c = mock_host(read_result(header.replace("sinpi(double x);", "sinpi(double x) noexcept(false);")))
     with pytest.raises(StepError) as e:
-        patch.apply(host, {}, cfg, Check(False))
+        patch.apply(host, {}, cfg, patch.check({}, cfg))
     msg = str(e.value)
     assert msg.startswith("patch: refusing to edit /usr/local/cuda-12.9/targets/x86_64-linux/include/crt/math_functions.h")
     assert "sinpi/device" in msg and "left untouched" in msg and "fix:" in msg and "dnf reinstall cuda-crt-12-9" in msg
@@ -436,7 +436,7 @@ def test_apply_refuses_unknown_header_without_writing(cfg, header):
 def test_apply_refuses_missing_header(cfg):
     host, c = mock_host(Result(stderr="no such file", exited=3))
     with pytest.raises(StepError) as e:
-        patch.apply(host, {}, cfg, Check(False))
+        patch.apply(host, {}, cfg, patch.check({}, cfg))
     assert "does not exist: CUDA 12.9 is not installed" in str(e.value) and "invoke cuda" in str(e.value)
 
 
@@ -444,7 +444,7 @@ def test_apply_refuses_a_read_that_is_not_byte_exact(cfg, header):
     bad = Result(stdout="0:0 644\nnone\n" + "0" * 64 + "\n" + header, exited=0)
     host, c = mock_host(bad)
     with pytest.raises(StepError, match="not read byte for byte"):
-        patch.apply(host, {}, cfg, Check(False))
+        patch.apply(host, {}, cfg, patch.check({}, cfg))
     assert len(commands(c)) == 1
 
 
