@@ -63,8 +63,10 @@ class Check:
     warnings: list[str] = field(default_factory=list)
     # Facts the step derived and wants in the report (versions found, paths used...).
     info: dict[str, Any] = field(default_factory=dict)
-    # The lines of the operations run_changes ran, in order (an operation that failed is the last).
+    # The lines of the operations run_changes ran, in order (an operation that failed is the last),
+    # and the texts of those that are exactly one command on the target (Op.literal).
     ran: list[str] = field(default_factory=list)
+    ran_commands: list[str] = field(default_factory=list)
 
     def operations(self) -> list[Any]:
         """Every change's operations in order; one operation that fixes several changes counts once."""
@@ -122,6 +124,8 @@ def run_changes(host: Host, chk: Check, state: dict | None = None) -> list[str]:
     notes: list[str] = []
     for op in chk.operations():
         chk.ran.append(op.line())
+        if op.literal:
+            chk.ran_commands.append(op.text())
         if host.log:
             host.log(f"## {op.line()}")
         note = op.run(host, state)
@@ -151,6 +155,7 @@ class StepResult:
     info: dict[str, Any] = field(default_factory=dict)
     planned: list[str] = field(default_factory=list)     # the operations the check asked for (lines)
     ran: list[str] = field(default_factory=list)         # the operations apply ran, in order (lines)
+    ran_commands: list[str] = field(default_factory=list)  # those of them that are one command (texts)
     commands: list[dict] = field(default_factory=list)   # every command on the target, facts included
     error: str = ""
     log: str = ""
@@ -297,7 +302,7 @@ class Runner:
                 finally:
                     self.host.log = None
                     if chk is not None:
-                        res.ran = list(chk.ran)
+                        res.ran, res.ran_commands = list(chk.ran), list(chk.ran_commands)
                     res.seconds = time.monotonic() - s0
                     res.commands = [asdict(r) for r in self.host.records[start_rec:]]
                     if res.error:

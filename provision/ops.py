@@ -33,6 +33,7 @@ class Op:
     earlier one produced, e.g. the build's timings for its stamp). `run` may return notes for the report."""
 
     root: bool = False
+    literal = False      # True when text() is exactly the command string the host runs (Cmd, Dnf)
 
     def text(self) -> str:
         raise NotImplementedError
@@ -61,6 +62,7 @@ class Cmd(Op):
     env: dict[str, str] | None = None
     timeout: float | None = None
     fail: tuple[str, str] | None = None
+    literal = True
 
     def text(self) -> str:
         return env_prefix(self.env) + cmd(self.argv)
@@ -83,6 +85,7 @@ class Dnf(Op):
     what: str
     root: bool = True
     timeout: float | None = None
+    literal = True
 
     def text(self) -> str:
         return cmd(self.argv)

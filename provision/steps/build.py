@@ -38,13 +38,15 @@ import posixpath
 import re
 import shlex
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .. import config as configmod, lockfile, repro
-from ..engine import Change, Check, StepError
+from ..engine import Change, Check, StepError, run_changes
 from ..facts import UNKNOWN, Fact, qpath
 from ..host import CommandFailed, cmd, expand_home
 from ..jobs import choose_jobs
+from ..ops import Cmd, Op, Refuse
 
 NAME = "build"
 TITLE = "llama.cpp fork at a pinned commit"
@@ -336,7 +338,7 @@ def reproducible_flags(src: str, bld: str, *, cuda: bool, objtemp: bool) -> list
 
 # LC_ALL: the same messages, collation and number formats whatever the login's locale; TZ: dates (CMake's
 # string(TIMESTAMP), __DATE__) do not depend on the box's time zone. SOURCE_DATE_EPOCH (the pinned commit's
-# time, set at apply) replaces "now" in __DATE__/__TIME__ and CMake timestamps.
+# time, read by in_build_env when the command runs) replaces "now" in __DATE__/__TIME__ and CMake timestamps.
 STABLE_ENV = {"LC_ALL": "C", "TZ": "UTC"}
 # File modes of everything written (objects, bin/) do not depend on the login's umask.
 UMASK = "022"
@@ -424,17 +426,6 @@ def _steps_env(facts: dict, cfg: dict) -> dict[str, str]:
 
 def configure_argv(p: dict) -> list[str]:
     return ["cmake", "-S", p["src"], "-B", p["build"], "-G", p["generator"], *p["args"]]
-
-
-def with_umask(argv: list[str]) -> list[str]:
-    return ["sh", "-c", f'umask {UMASK} && exec "$@"', "sh", *argv]
-
-
-def source_date_epoch(host, p: dict) -> str:
-    """The pinned commit's committer time (seconds since 1970), for SOURCE_DATE_EPOCH; "" if git cannot say."""
-    r = host.run(_argv(p, ["git", "-C", p["src"], "log", "-1", "--format=%ct", p["sha"]]), check=False)
-    v = (r.stdout or "").strip()
-    return v if r.exited == 0 and v.isdigit() else ""
 
 
 def build_argv(p: dict) -> list[str]:
@@ -545,25 +536,40 @@ def patch_state(facts: dict, cfg: dict) -> tuple[bool, str]:
 
 
 def check(facts: dict, cfg: dict) -> Check:
-    b = cfg["build"]
     f = _bfact(facts)
     p = plan(facts, cfg)
-    tc = p["toolchain"]
     info: dict[str, Any] = {
         "sha": p["sha"], "profile": p["profile"], "url": p["url"], "src_dir": p["src"], "build_dir": p["build"],
         "targets": p["targets"], "jobs": p["jobs"], "jobs_why": p["jobs_why"], "generator": p["generator"],
         "ccache": f.get("ccache_version") or "not found (every build compiles from scratch)",
-        "cuda": "on" if b["cuda"] else "off (build.cuda = false: CPU-only build)",
+        "cuda": "on" if cfg["build"]["cuda"] else "off (build.cuda = false: CPU-only build)",
         "stamp": f"{p['build']}/{STAMP_FILE}", "dialect_file": f"{p['build']}/{DIALECT_FILE}",
     }
+    if not f:
+        return Check.todo([Change("read the build state", "the build fact could not be read",
+                                  [Refuse(f"{NAME}: the build fact could not be read on the target",
+                                          "run `gpubox plan` and read the fact script's output in the step log")])],
+                          info=info)
+    attention, warnings = _toolchain_notes(facts, cfg, p, info)
+    changes, src_attention, src_warnings = _source_changes(f, p)
+    why = build_reasons(f, p)
+    changes += _build_changes(f, p, why)
+    stamp = f.get("stamp") if isinstance(f.get("stamp"), dict) else {}
+    if stamp:
+        info["built"] = {k: stamp.get(k) for k in ("sha", "built_at", "arch_line", "jobs", "build_seconds",
+                                                    "build_cpu_seconds", "dialect") if k in stamp}
+    if f.get("version"):
+        info["version"] = f["version"]
+    return Check(not changes, changes, attention + src_attention, warnings + src_warnings, info)
+
+
+def _toolchain_notes(facts: dict, cfg: dict, p: dict, info: dict) -> tuple[list[str], list[str]]:
+    """What the build depends on that other steps (or the user) provide: said in the plan; apply refuses."""
+    b, f, tc = cfg["build"], _bfact(facts), p["toolchain"]
     attention: list[str] = []
     warnings: list[str] = []
-    changes: list[Change] = []
-    if not f:
-        return Check.todo([Change("read the build state", "the build fact could not be read")], info=info)
     if b["cuda"]:
-        info["arch"] = p["arch"]
-        info["arch_why"] = p["arch_why"]
+        info["arch"], info["arch_why"] = p["arch"], p["arch_why"]
         info["toolchain"] = (f"{tc['source']}: nvcc {tc['nvcc']} ({f.get('nvcc_version') or 'not found'}), "
                              f"host compiler {tc['host']} ({f.get('cxx_version') or 'not found'})")
         if tc["source"] == "config":
@@ -584,62 +590,82 @@ def check(facts: dict, cfg: dict) -> Check:
             attention.append(f"{tool} not found on the host: install it (dnf install git cmake ninja-build ccache)")
     if not f.get("ninja"):
         warnings.append("ninja not found: the Makefile generator is used (install ninja-build for faster builds)")
+    return attention, warnings
 
-    # Source.
-    src_state = f.get("src")
-    clone_cmds = [cmd(["git", "clone", "--no-checkout", "--", p["url"], p["src"]]),
-                  cmd(["git", "-C", p["src"], "checkout", "--detach", p["sha"]])]
-    if src_state in ("missing", "empty"):
-        changes.append(Change(f"clone {p['url']} at {p['sha'][:12]}", f"no checkout in {p['src']}", clone_cmds))
-    elif src_state == "other":
-        attention.append(f"{p['src']} exists and is not a git checkout: gpubox will not overwrite it "
+
+def _source_changes(f: dict, p: dict) -> tuple[list[Change], list[str], list[str]]:
+    """Clone, fetch and check out the pin. Never deletes or overwrites anything: a directory that is not a
+    checkout, local changes and a HEAD on no branch or tag are refusals (the plan shows them)."""
+    src, sha = p["src"], p["sha"]
+    attention: list[str] = []
+    warnings: list[str] = []
+    state = f.get("src")
+    if state in ("missing", "empty"):
+        return [Change(f"clone {p['url']} at {sha[:12]}", f"no checkout in {src}",
+                       [EnsureDir(posixpath.dirname(src.rstrip("/")) or "/", p), Clone(p), EnsurePin(p),
+                        checkout_op(p)])], attention, warnings
+    if state == "other":
+        attention.append(f"{src} exists and is not a git checkout: gpubox will not overwrite it "
                          "(move it away or set build.src_dir)")
-        changes.append(Change(f"check out {p['sha'][:12]} in {p['src']}", "the directory is not a git checkout"))
-    else:
-        head = f.get("head", "")
-        dirty = f.get("dirty") or []
-        if dirty:
-            note = f"{p['src']} has local changes ({', '.join(dirty[:5])}{' ...' if len(dirty) > 5 else ''})"
-            (attention if head != p["sha"] else warnings).append(note + ": gpubox does not overwrite them")
-        if f.get("origin") and f["origin"] != p["url"]:
-            warnings.append(f"origin of {p['src']} is {f['origin']}; gpubox fetches from build.repo_url {p['url']}")
-        if head != p["sha"]:
-            cmds = [] if f.get("has_sha") else [cmd(["git", "-C", p["src"], "fetch", "--tags", "--", p["url"],
-                                                     "+refs/heads/*:refs/remotes/gpubox/*"])]
-            cmds.append(cmd(["git", "-C", p["src"], "checkout", "--detach", p["sha"]]))
-            why = f"HEAD is {head[:12] or 'unknown'}"
-            if not f.get("head_on_ref") and head:
-                attention.append(f"HEAD of {p['src']} ({head[:12]}) is on no branch or tag: checking out the pin "
-                                 "would orphan it, so gpubox refuses")
-                why += " (on no branch or tag)"
-            changes.append(Change(f"check out {p['sha'][:12]}", why, cmds))
+        return [Change(f"check out {sha[:12]} in {src}", "the directory is not a git checkout",
+                       [Refuse(f"{NAME}: {src} exists and is not a git checkout; gpubox will not overwrite it",
+                               "move it away, or set build.src_dir to another path")])], attention, warnings
+    head, dirty = f.get("head", ""), f.get("dirty") or []
+    if f.get("origin") and f["origin"] != p["url"]:
+        warnings.append(f"origin of {src} is {f['origin']}; gpubox fetches from build.repo_url {p['url']}")
+    if dirty:
+        note = f"{src} has local changes ({', '.join(dirty[:5])}{' ...' if len(dirty) > 5 else ''})"
+        (attention if head != sha else warnings).append(note + ": gpubox does not overwrite them")
+    if head == sha:
+        return [], attention, warnings
+    why = f"HEAD is {head[:12] or 'unknown'}"
+    if dirty:
+        op = Refuse(f"{NAME}: {src} has local changes ({', '.join(dirty[:5])}); gpubox does not overwrite them",
+                    f"commit or stash them (git -C {src} stash), or set build.src_dir to a clean clone")
+        return [Change(f"check out {sha[:12]}", why, [op])], attention, warnings
+    if head and not f.get("head_on_ref"):
+        attention.append(f"HEAD of {src} ({head[:12]}) is on no branch or tag: checking out the pin would orphan "
+                         "it, so gpubox refuses")
+        op = Refuse(f"{NAME}: HEAD of {src} ({head[:12]}) is on no branch or tag; checking out the pin would orphan "
+                    "it", f"keep it on a branch first (git -C {src} branch keep {head[:12]}), then run again")
+        return [Change(f"check out {sha[:12]}", why + " (on no branch or tag)", [op])], attention, warnings
+    ops = ([] if f.get("has_sha") else [EnsurePin(p)]) + [checkout_op(p)]
+    return [Change(f"check out {sha[:12]}", why, ops)], attention, warnings
 
-    # Build.
-    why = build_reasons(f, p)
-    if why:
-        old_fp = _configured_fp(f)
-        if f.get("cmakecache") and old_fp != p["fingerprint"]:
-            changes.append(Change("reconfigure from scratch (delete CMakeCache.txt and CMakeFiles)",
-                                  "cmake inputs changed: " + "; ".join(fingerprint_differences(old_fp, p["fingerprint"])),
-                                  [cmd(["rm", "-rf", f"{p['build']}/CMakeCache.txt", f"{p['build']}/CMakeFiles"]),
-                                   cmd(configure_argv(p))]))
-        elif not f.get("cmakecache") or not f.get("generated"):
-            changes.append(Change("configure", "not configured yet", [cmd(configure_argv(p))]))
-        changes.append(Change(f"build {', '.join(p['targets'])} with {p['jobs']} jobs", "; ".join(why),
-                              [cmd(build_argv(p))]))
-    lock_why = "" if why else lock_difference(f, p)
-    if lock_why:
-        changes.append(Change(f"record bin/'s sha256 in {p['lock']}", lock_why, [f"write {p['lock']}"]))
-    if not f.get("dialect") and not why and SERVER in p["targets"]:
-        changes.append(Change(f"store {SERVER}'s flag dialect", f"no {DIALECT_FILE} next to the stamp",
-                              [cmd([f"{p['build']}/bin/{SERVER}", "--help"])]))
-    stamp = f.get("stamp") if isinstance(f.get("stamp"), dict) else {}
-    if stamp:
-        info["built"] = {k: stamp.get(k) for k in ("sha", "built_at", "arch_line", "jobs", "build_seconds",
-                                                    "build_cpu_seconds", "dialect") if k in stamp}
-    if f.get("version"):
-        info["version"] = f["version"]
-    return Check(not changes, changes, attention, warnings, info)
+
+def _build_changes(f: dict, p: dict, why: list[str]) -> list[Change]:
+    """Configure (from scratch when its recorded inputs changed), build, record; or only the records."""
+    bld = p["build"]
+    if not why:
+        out = []
+        lock_why = lock_difference(f, p)
+        if lock_why:
+            out.append(Change(f"record bin/'s sha256 in {p['lock']}", lock_why, [RecordLock(p, f.get("stamp"))]))
+        if not f.get("dialect") and SERVER in p["targets"]:
+            out.append(Change(f"store {SERVER}'s flag dialect", f"no {DIALECT_FILE} next to the stamp",
+                              [Record(p, f)]))
+        return out
+    if f.get("src") == "git" and f.get("head") == p["sha"] and f.get("dirty"):
+        return [Change(f"build {', '.join(p['targets'])}", "; ".join(why), [Refuse(
+            f"{NAME}: {p['src']} is at the pinned commit but has local changes ({', '.join(f['dirty'][:5])}): the "
+            "binary would not be the pinned commit",
+            f"git -C {p['src']} stash (or commit) them, or set build.src_dir to a clean clone")])]
+    # No stamp while building: an interrupted build must not look finished.
+    unstamp = Cmd(_argv(p, ["rm", "-f", f"{bld}/{STAMP_FILE}"]))
+    out = []
+    old_fp = _configured_fp(f)
+    if f.get("cmakecache") and old_fp != p["fingerprint"]:
+        # CMake keeps the compiler, CUDA path and architectures of an existing cache whatever -D says: only
+        # a cache deleted first takes the new values. Objects stay; Ninja rebuilds what changed.
+        out.append(Change("reconfigure from scratch (delete CMakeCache.txt and CMakeFiles)",
+                          "cmake inputs changed: " + "; ".join(fingerprint_differences(old_fp, p["fingerprint"])),
+                          [unstamp, Cmd(_argv(p, ["rm", "-rf", f"{bld}/CMakeCache.txt", f"{bld}/CMakeFiles",
+                                                  f"{bld}/{CONFIGURE_FILE}"])), EnsureDir(bld, p), Configure(p)]))
+    elif not f.get("cmakecache") or not f.get("generated"):
+        out.append(Change("configure", "not configured yet", [unstamp, EnsureDir(bld, p), Configure(p)]))
+    out.append(Change(f"build {', '.join(p['targets'])} with {p['jobs']} jobs", "; ".join(why),
+                      [unstamp, Compile(p), Record(p, f)]))
+    return out
 
 
 # --- apply --------------------------------------------------------------------------------------------
@@ -732,94 +758,124 @@ def _write(host, p: dict, path: str, content: str) -> None:
     host.run(_argv(p, ["mv", "-f", tmp, path]))
 
 
+def in_build_env(p: dict, argv: list[str]) -> list[str]:
+    """argv with umask 022 and SOURCE_DATE_EPOCH = the pinned commit's committer time, read from the checkout
+    when the command runs (unset if git cannot say), so the plan can name the command before the clone."""
+    script = (f'umask {UMASK}; e=$(git -C "$1" log -1 --format=%ct "$2" 2>/dev/null) && [ -n "$e" ] && '
+              'export SOURCE_DATE_EPOCH="$e"; shift 2; exec "$@"')
+    return ["sh", "-c", script, "sh", p["src"], p["sha"], *argv]
+
+
+def checkout_op(p: dict) -> Cmd:
+    sha = p["sha"]
+    return Cmd(_argv(p, ["git", "-C", p["src"], "-c", "advice.detachedHead=false", "checkout", "--detach", sha]),
+               fail=(f"{NAME}: cannot check out {sha[:12]} in {p['src']}",
+                     "untracked files in the way? move them, or use a clean build.src_dir"))
+
+
+@dataclass
+class EnsureDir(Op):
+    """mkdir -p as the tree's owner; where the owner cannot (e.g. /opt/gpubox), install -d as root, owned by them."""
+    path: str
+    p: dict = field(repr=False)
+
+    def text(self) -> str:
+        return cmd(_argv(self.p, ["mkdir", "-p", self.path])) + f" (else as root: install -d -o {self.p['owner']})"
+
+    def run(self, host, state: dict):
+        _ensure_dir(host, self.p, self.path)
+
+
+@dataclass
+class Clone(Op):
+    """A full clone (no --depth): the build embeds the commit and its count, which a shallow clone gets wrong."""
+    p: dict = field(repr=False)
+
+    def argv(self) -> list[str]:
+        return _argv(self.p, ["git", "clone", "--no-checkout", "--", self.p["url"], self.p["src"]])
+
+    def text(self) -> str:
+        return cmd(self.argv())
+
+    def run(self, host, state: dict):
+        try:
+            host.run(self.argv())
+        except CommandFailed as e:
+            raise _fail(f"{NAME}: cannot clone {self.p['url']} (build.repo_url): " + (e.tail(1) or "git clone failed"),
+                        "check build.repo_url (a git URL, an absolute path or a file:// URL) and the network; "
+                        "nothing was removed", e) from None
+
+
+@dataclass
+class EnsurePin(Op):
+    """The pinned commit in the clone: fetched from build.repo_url unless present, by name if no branch or tag
+    holds it (e.g. a pull request's); a commit the URL does not have is an error that changes nothing."""
+    p: dict = field(repr=False)
+
+    def _git(self, *args: str) -> list[str]:
+        return _argv(self.p, ["git", "-C", self.p["src"], *args])
+
+    def text(self) -> str:
+        return (cmd(self._git("fetch", "--tags", "--", self.p["url"], "+refs/heads/*:refs/remotes/gpubox/*"))
+                + " (unless the pin is present; then by name)")
+
+    def run(self, host, state: dict):
+        sha, url = self.p["sha"], self.p["url"]
+        has = lambda: host.ok(self._git("cat-file", "-e", f"{sha}^{{commit}}"))   # noqa: E731
+        if has():
+            return None
+        try:
+            host.run(self._git("fetch", "--tags", "--", url, "+refs/heads/*:refs/remotes/gpubox/*"))
+        except CommandFailed as e:
+            raise _fail(f"{NAME}: cannot fetch from {url} (build.repo_url): " + (e.tail(1) or "git fetch failed"),
+                        f"check build.repo_url and the network; the checkout in {self.p['src']} is unchanged, "
+                        "nothing was removed", e) from None
+        if not has():
+            host.run(self._git("fetch", "--", url, sha), check=False)
+            if not has():
+                raise StepError(f"{NAME}: commit {sha} is not in {url}",
+                                "check build.sha / build.profile (a full 40-hex SHA of that repository) and "
+                                "build.repo_url; nothing was removed")
+        return None
+
+
+def ensure_source(host, p: dict, f: dict) -> list[str]:
+    """Clone/fetch/check out the pin by running the source changes' operations; returns what ran."""
+    chk = Check(False, _source_changes(f, p)[0])
+    run_changes(host, chk)
+    return chk.ran
+
+
 def _fail(cause: str, fix: str, e: CommandFailed) -> StepError:
     return StepError(cause, fix, command=e.command, exited=e.exited, output=e.tail())
 
 
-def ensure_source(host, p: dict, f: dict) -> list[str]:
-    """Clone/fetch/check out the pin. Never deletes or overwrites anything; returns notes."""
-    src, url, sha = p["src"], p["url"], p["sha"]
-    notes: list[str] = []
-    state = f.get("src")
-    keep = "nothing was removed"
-    if state == "other":
-        raise StepError(f"{NAME}: {src} exists and is not a git checkout; gpubox will not overwrite it",
-                        "move it away, or set build.src_dir to another path")
-    if state in ("missing", "empty"):
-        _ensure_dir(host, p, posixpath.dirname(src.rstrip("/")) or "/")
-        try:
-            # A full clone (no --depth): the build embeds the commit count, which a shallow clone gets wrong.
-            host.run(_argv(p, ["git", "clone", "--no-checkout", "--", url, src]))
-        except CommandFailed as e:
-            raise _fail(f"{NAME}: cannot clone {url} (build.repo_url): " + (e.tail(1) or "git clone failed"),
-                        f"check build.repo_url (a git URL, an absolute path or a file:// URL) and the network; {keep}",
-                        e) from None
-        f = dict(f, src="git", head="", dirty=[], head_on_ref=True, has_sha=False)
-    else:
-        if f.get("dirty") and f.get("head") != sha:
-            raise StepError(f"{NAME}: {src} has local changes ({', '.join(f['dirty'][:5])}); gpubox does not "
-                            "overwrite them", f"commit or stash them (git -C {src} stash), or set build.src_dir to "
-                            "a clean clone")
-        if f.get("dirty"):
-            raise StepError(f"{NAME}: {src} is at the pinned commit but has local changes "
-                            f"({', '.join(f['dirty'][:5])}): the binary would not be the pinned commit",
-                            f"git -C {src} stash (or commit) them, or set build.src_dir to a clean clone")
-        if f.get("head") and f.get("head") != sha and not f.get("head_on_ref"):
-            raise StepError(f"{NAME}: HEAD of {src} ({f['head'][:12]}) is on no branch or tag; checking out the "
-                            "pin would orphan it", f"keep it on a branch first (git -C {src} branch keep "
-                            f"{f['head'][:12]}), then run again")
-    git = ["git", "-C", src]
-    has = host.ok(_argv(p, [*git, "cat-file", "-e", f"{sha}^{{commit}}"]))
-    if not has:
-        try:
-            host.run(_argv(p, [*git, "fetch", "--tags", "--", url, "+refs/heads/*:refs/remotes/gpubox/*"]))
-        except CommandFailed as e:
-            raise _fail(f"{NAME}: cannot fetch from {url} (build.repo_url): " + (e.tail(1) or "git fetch failed"),
-                        f"check build.repo_url and the network; the checkout in {src} is unchanged, {keep}", e) from None
-        has = host.ok(_argv(p, [*git, "cat-file", "-e", f"{sha}^{{commit}}"]))
-        if not has:
-            # A commit no branch or tag holds (e.g. a pull request's): ask for it by name.
-            host.run(_argv(p, [*git, "fetch", "--", url, sha]), check=False)
-            has = host.ok(_argv(p, [*git, "cat-file", "-e", f"{sha}^{{commit}}"]))
-        if not has:
-            raise StepError(f"{NAME}: commit {sha} is not in {url}",
-                            "check build.sha / build.profile (a full 40-hex SHA of that repository) and "
-                            f"build.repo_url; {keep}")
-        notes.append(f"fetched {url}")
-    if f.get("head") != sha:
-        try:
-            host.run(_argv(p, [*git, "-c", "advice.detachedHead=false", "checkout", "--detach", sha]))
-        except CommandFailed as e:
-            raise _fail(f"{NAME}: cannot check out {sha[:12]} in {src}",
-                        "untracked files in the way? move them, or use a clean build.src_dir", e) from None
-        notes.append(f"checked out {sha[:12]}")
-    return notes
+@dataclass
+class Configure(Op):
+    """cmake's configure, every input explicit; its inputs recorded in gpubox-configure.json."""
+    p: dict = field(repr=False)
 
+    def argv(self) -> list[str]:
+        return _argv(self.p, in_build_env(self.p, configure_argv(self.p)), self.p["env"])
 
-def configure(host, p: dict, f: dict) -> dict:
-    """Configure when needed; from scratch when the recorded inputs differ. Returns the configure record."""
-    bld = p["build"]
-    old = f.get("configured") if isinstance(f.get("configured"), dict) else {}
-    fresh = old.get("fingerprint") != p["fingerprint"]
-    if not fresh and f.get("cmakecache") and f.get("generated"):
-        return old
-    _ensure_dir(host, p, bld)
-    if fresh and (f.get("cmakecache") or old):
-        # CMake keeps the compiler, CUDA path and architectures of an existing cache whatever -D says:
-        # only a cache deleted first takes the new values. Objects stay; Ninja rebuilds what changed.
-        host.run(_argv(p, ["rm", "-rf", f"{bld}/CMakeCache.txt", f"{bld}/CMakeFiles", f"{bld}/{CONFIGURE_FILE}"]))
-    try:
-        res = host.run(_argv(p, with_umask(configure_argv(p)), p["env"]))
-    except CommandFailed as e:
-        raise _fail(f"{NAME}: cmake configure failed: " + (_first_error(e.stdout + "\n" + e.stderr) or e.tail(1)),
-                    "see the output below and the step log; a wrong build.nvcc/build.host_compiler or a missing "
-                    "package (cuda, gcc) is the usual cause", e) from None
-    text = (res.stdout or "") + "\n" + (res.stderr or "")
-    m = ARCH_LINE_RE.search(text)
-    rec = {"fingerprint": p["fingerprint"], "arch_line": m.group(0) if m else "",
-           "configured_at": _dt.datetime.now().isoformat(timespec="seconds")}
-    _write(host, p, f"{bld}/{CONFIGURE_FILE}", json.dumps(rec, sort_keys=True) + "\n")
-    return rec
+    def text(self) -> str:
+        return cmd(self.argv()) + f" (inputs -> {CONFIGURE_FILE})"
+
+    def run(self, host, state: dict):
+        p = self.p
+        try:
+            res = host.run(self.argv())
+        except CommandFailed as e:
+            raise _fail(f"{NAME}: cmake configure failed: " + (_first_error(e.stdout + "\n" + e.stderr) or e.tail(1)),
+                        "see the output below and the step log; a wrong build.nvcc/build.host_compiler or a missing "
+                        "package (cuda, gcc) is the usual cause", e) from None
+        m = ARCH_LINE_RE.search((res.stdout or "") + "\n" + (res.stderr or ""))
+        rec = {"fingerprint": p["fingerprint"], "arch_line": m.group(0) if m else "",
+               "configured_at": _dt.datetime.now().isoformat(timespec="seconds")}
+        _write(host, p, f"{p['build']}/{CONFIGURE_FILE}", json.dumps(rec, sort_keys=True) + "\n")
+        if rec["arch_line"]:
+            state.get("echo", print)(f"[{NAME}] {rec['arch_line']}")
+        state["conf"] = rec
 
 
 def _first_error(text: str) -> str:
@@ -829,36 +885,87 @@ def _first_error(text: str) -> str:
     return ""
 
 
-def compile_targets(host, p: dict, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the build with progress; returns wall/CPU seconds. A failure names the first failed edge."""
-    script = f"umask {UMASK}; " + cmd(build_argv(p)) + '; rc=$?; echo "@@times"; times; exit $rc'
-    progress = Progress(echo=echo, log=getattr(host, "log", None))
-    echo(f"[{NAME}] building {', '.join(p['targets'])}: {p['jobs']} jobs ({p['jobs_why']})")
-    t0 = time.monotonic()
-    try:
-        res = host.run(_argv(p, ["bash", "-c", script], p["env"]), stream=progress)
-    except CommandFailed as e:
-        out = e.stdout + "\n" + e.stderr
-        oom = bool(OOM_RE.search(out))
-        first = progress.failed[0] if progress.failed else _first_error(out)
-        if not progress.total:   # output not streamed (e.g. a runner without out_stream): read it back
-            for line in out.splitlines():
-                m = NINJA_RE.match(line)
-                if m:
-                    progress.done, progress.total = int(m.group(1)), int(m.group(2))
-        fix = ("a compiler was killed (out of memory?): lower build.jobs or raise build.mem_per_job_gb, then run "
-               "again; the build continues where it stopped" if oom else
-               "see the output below and the step log; after fixing the cause, run again: the build continues")
-        lines = [ln for ln in out.splitlines() if "error" in ln.lower() or ln.startswith("FAILED")][-12:]
-        raise StepError(f"{NAME}: building {', '.join(p['targets'])} failed at {progress.done}/{progress.total}: "
-                        f"{first}", fix, command=e.command, exited=e.exited,
-                        output="\n".join(lines) or e.tail()) from None
-    wall = time.monotonic() - t0
-    times = parse_times(res.stdout or "")
-    cpu = round(sum(times), 3) if times else None
-    echo(f"[{NAME}] built in {_mmss(wall)}" + (f", {cpu / 60:.1f} CPU-minutes" if cpu else "")
-         + (f" ({progress.total} edges)" if progress.total else " (nothing to do)"))
-    return {"build_seconds": round(wall, 3), "build_cpu_seconds": cpu, "edges": progress.total}
+@dataclass
+class Compile(Op):
+    """Only build.targets, jobs bounded by cores and memory, Ninja's [n/N] as progress; the wall and CPU time
+    (bash's `times`) go to the stamp. A failure names the first failed edge (and says when it looks like OOM)."""
+    p: dict = field(repr=False)
+
+    def argv(self) -> list[str]:
+        script = cmd(build_argv(self.p)) + '; rc=$?; echo "@@times"; times; exit $rc'
+        return _argv(self.p, in_build_env(self.p, ["bash", "-c", script]), self.p["env"])
+
+    def text(self) -> str:
+        return cmd(self.argv())
+
+    def run(self, host, state: dict):
+        p, echo = self.p, state.get("echo", print)
+        progress = Progress(echo=echo, log=getattr(host, "log", None))
+        echo(f"[{NAME}] building {', '.join(p['targets'])}: {p['jobs']} jobs ({p['jobs_why']})")
+        t0 = time.monotonic()
+        try:
+            res = host.run(self.argv(), stream=progress)
+        except CommandFailed as e:
+            raise _build_failure(p, progress, e) from None
+        wall = time.monotonic() - t0
+        times = parse_times(res.stdout or "")
+        cpu = round(sum(times), 3) if times else None
+        echo(f"[{NAME}] built in {_mmss(wall)}" + (f", {cpu / 60:.1f} CPU-minutes" if cpu else "")
+             + (f" ({progress.total} edges)" if progress.total else " (nothing to do)"))
+        state["timing"] = {"build_seconds": round(wall, 3), "build_cpu_seconds": cpu, "edges": progress.total}
+
+
+def _build_failure(p: dict, progress: "Progress", e: CommandFailed) -> StepError:
+    out = e.stdout + "\n" + e.stderr
+    oom = bool(OOM_RE.search(out))
+    first = progress.failed[0] if progress.failed else _first_error(out)
+    if not progress.total:   # output not streamed (e.g. a runner without out_stream): read it back
+        for line in out.splitlines():
+            m = NINJA_RE.match(line)
+            if m:
+                progress.done, progress.total = int(m.group(1)), int(m.group(2))
+    fix = ("a compiler was killed (out of memory?): lower build.jobs or raise build.mem_per_job_gb, then run "
+           "again; the build continues where it stopped" if oom else
+           "see the output below and the step log; after fixing the cause, run again: the build continues")
+    lines = [ln for ln in out.splitlines() if "error" in ln.lower() or ln.startswith("FAILED")][-12:]
+    return StepError(f"{NAME}: building {', '.join(p['targets'])} failed at {progress.done}/{progress.total}: "
+                     f"{first}", fix, command=e.command, exited=e.exited, output="\n".join(lines) or e.tail())
+
+
+@dataclass
+class Record(Op):
+    """`--version` must name the pin; `--help` parsed into the dialect file; bin/ hashed; the stamp written
+    last, then the lock's build record. Timings and the arch line come from this run's Compile/Configure,
+    else from the records already there (storing a missing dialect rebuilds nothing)."""
+    p: dict = field(repr=False)
+    f: dict = field(repr=False)
+
+    def text(self) -> str:
+        bld = self.p["build"]
+        return (f"{bld}/bin/{SERVER} --version (must name {self.p['sha'][:12]}) and --help -> {HELP_FILE}, "
+                f"{DIALECT_FILE}; sha256 of bin/ -> {STAMP_FILE}, then {self.p['lock']}")
+
+    def run(self, host, state: dict):
+        old = self.f.get("stamp") if isinstance(self.f.get("stamp"), dict) else {}
+        timing = state.get("timing") or {k: old.get(k) for k in ("build_seconds", "build_cpu_seconds", "edges")
+                                         if k in old}
+        conf = state.get("conf") or (self.f.get("configured") if isinstance(self.f.get("configured"), dict) else {})
+        notes = record(host, self.p, timing, conf)
+        return [n for n in notes if not n.startswith(("fetched", "checked out"))]
+
+
+@dataclass
+class RecordLock(Op):
+    """The lock's build record for the build that is there (its stamp); the models and the box stay."""
+    p: dict = field(repr=False)
+    stamp: Any = field(repr=False)
+    root: bool = True
+
+    def text(self) -> str:
+        return f"write {self.p['lock']} (its build record: bin/'s sha256 from {STAMP_FILE})"
+
+    def run(self, host, state: dict):
+        record_lock(host, self.p, self.stamp)
 
 
 def record(host, p: dict, timing: dict, conf: dict) -> list[str]:
@@ -931,15 +1038,15 @@ def record_lock(host, p: dict, stamp: dict) -> None:
 
 
 def apply(host, facts: dict, cfg: dict, check: Check, echo: Callable[[str], None] = print):
-    b = cfg["build"]
-    f = _bfact(facts)
-    p = plan(facts, cfg)
+    """The check's operations, after refusing what cannot build: git/cmake missing, or for CUDA an absent nvcc
+    or host compiler, or a header step 4 has not patched (all read from the facts of this moment)."""
+    b, f = cfg["build"], _bfact(facts)
+    tc = toolchain(cfg)
     for tool in ("git", "cmake"):
         if not f.get(tool):
             raise StepError(f"{NAME}: {tool} is not installed on {host.name}",
                             "install the build tools: dnf install git cmake ninja-build ccache")
     if b["cuda"]:
-        tc = p["toolchain"]
         if not f.get("nvcc_version"):
             raise StepError(f"{NAME}: nvcc not found at {tc['nvcc']}",
                             "run step cuda first, or set build.nvcc to the nvcc to use")
@@ -950,22 +1057,4 @@ def apply(host, facts: dict, cfg: dict, check: Check, echo: Callable[[str], None
         if not ok:
             raise StepError(f"{NAME}: refusing to configure a CUDA build: {why}",
                             "run step patch first (invoke patch), then build again")
-    if f.get("src") == "git" and f.get("head") == p["sha"] and not build_reasons(f, p):
-        # Built and right; only the lock's record (or the dialect file) is missing.
-        if lock_difference(f, p):
-            record_lock(host, p, f["stamp"])
-        if f.get("dialect") or SERVER not in p["targets"]:
-            return []
-    notes = ensure_source(host, p, f)
-    epoch = source_date_epoch(host, p)
-    if epoch:
-        p = dict(p, env={**p["env"], "SOURCE_DATE_EPOCH": epoch})
-    _ensure_dir(host, p, p["build"])
-    # No stamp while building: an interrupted build must not look finished.
-    host.run(_argv(p, ["rm", "-f", f"{p['build']}/{STAMP_FILE}"]))
-    conf = configure(host, p, f)
-    if conf.get("arch_line"):
-        echo(f"[{NAME}] {conf['arch_line']}")
-    timing = compile_targets(host, p, echo=echo)
-    notes += record(host, p, timing, conf)
-    return [n for n in notes if not n.startswith(("fetched", "checked out"))]
+    return run_changes(host, check, {"echo": echo})

@@ -4,6 +4,7 @@ data, the fact script against real git repositories, and Ninja progress parsing.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -225,7 +226,8 @@ def test_changes_that_rebuild(sets, facts_over, expect_reconfigure, why_part):
     assert why_part in " | ".join(c.why for c in chk.changes)
     if expect_reconfigure:
         rc = next(c for c in chk.changes if c.what.startswith("reconfigure"))
-        assert rc.commands[0].startswith("rm -rf /opt/gpubox/build/llama.cpp/CMakeCache.txt")
+        assert rc.commands[0] == "rm -f /opt/gpubox/build/llama.cpp/gpubox-stamp.json"   # no stamp while building
+        assert rc.commands[1].startswith("rm -rf /opt/gpubox/build/llama.cpp/CMakeCache.txt")
 
 
 def test_sha_change_checks_out_and_fetches_only_when_missing():
@@ -313,6 +315,11 @@ def ctx(responses: dict) -> MockContext:
     return MockContext(run=run)
 
 
+# build.in_build_env: umask 022 and SOURCE_DATE_EPOCH from the checkout, then the command.
+EPOCH = (r"sh -c 'umask 022; e=\$\(git -C \"\$1\" log -1 --format=%ct \"\$2\" 2>/dev/null\) .*' sh \S+ "
+         r"[0-9a-f]{40}")
+
+
 def ran(host: Host) -> list[str]:
     return [r.command for r in host.records]
 
@@ -327,9 +334,9 @@ def test_apply_fresh_clone_configure_build_record(monkeypatch):
         re.compile(r".*cat-file -e "): Result(),
         re.compile(r".*checkout --detach "): Result(),
         re.compile(r"^rm -f .*gpubox-stamp.json$"): Result(),
-        re.compile(r"^env LC_ALL=C TZ=UTC SOURCE_DATE_EPOCH=1721800000 sh -c 'umask 022 && exec \"\$@\"' sh cmake -S "):
+        re.compile(r"^env LC_ALL=C TZ=UTC " + EPOCH + " cmake -S "):
             Result("-- Configuring done\n-- Generating done\n"),
-        re.compile(r"^env LC_ALL=C TZ=UTC SOURCE_DATE_EPOCH=1721800000 bash -c 'umask 022; cmake --build "): Result("[1/2] Building CXX\n[2/2] Linking CXX executable bin/llama-server\n"
+        re.compile(r"^env LC_ALL=C TZ=UTC " + EPOCH + " bash -c 'cmake --build "): Result("[1/2] Building CXX\n[2/2] Linking CXX executable bin/llama-server\n"
                                                         "@@times\n0m0.01s 0m0.00s\n10m30.0s 0m30.0s\n"),
         re.compile(r".*llama-server --version$"): Result(stderr=f"version: 1.2.0 (build 10018, commit {SHA[:7]})\n"),
         re.compile(r".*llama-server --help$"): Result(help_text),
@@ -341,8 +348,8 @@ def test_apply_fresh_clone_configure_build_record(monkeypatch):
     assert cmds[1] == f"git clone --no-checkout -- {cfg['build']['repo_url']} /opt/gpubox/src/llama.cpp"
     assert any(c.endswith(f"checkout --detach {SHA}") for c in cmds)
     i_rm = cmds.index("rm -f /opt/gpubox/build/llama.cpp/gpubox-stamp.json")
-    i_cfg = next(i for i, c in enumerate(cmds) if " sh cmake -S " in c)
-    i_bld = next(i for i, c in enumerate(cmds) if "bash -c 'umask 022; cmake --build" in c)
+    i_cfg = next(i for i, c in enumerate(cmds) if " cmake -S " in c)
+    i_bld = next(i for i, c in enumerate(cmds) if "bash -c 'cmake --build" in c)
     assert i_rm < i_cfg < i_bld
     assert "--target llama-server --parallel 4" in cmds[i_bld]   # 4 cores, 30 GiB
     assert not any("rm -rf" in c for c in cmds)           # nothing to reconfigure from scratch
@@ -373,9 +380,9 @@ def test_apply_reconfigures_from_scratch_when_inputs_changed():
     host = Host(ctx({
         re.compile(r".*cat-file -e "): Result(),
         re.compile(r"^(mkdir -p|rm -f|rm -rf) "): Result(),
-        re.compile(r"^env PATH=\S+ CUDAHOSTCXX=/usr/bin/g\+\+-14 LC_ALL=C TZ=UTC SOURCE_DATE_EPOCH=\d+ sh -c .* cmake -S "): Result(
+        re.compile(r"^env PATH=\S+ CUDAHOSTCXX=/usr/bin/g\+\+-14 LC_ALL=C TZ=UTC " + EPOCH + " cmake -S "): Result(
             "-- Using CMAKE_CUDA_ARCHITECTURES=75 CMAKE_CUDA_ARCHITECTURES_NATIVE=\n"),
-        re.compile(r"^env PATH=.* bash -c 'umask 022; cmake --build "): Result("ninja: no work to do.\n@@times\n0m0s 0m0s\n0m1.0s 0m0.5s\n"),
+        re.compile(r"^env PATH=.* bash -c 'cmake --build "): Result("ninja: no work to do.\n@@times\n0m0s 0m0s\n0m1.0s 0m0.5s\n"),
     }))
     lines: list[str] = []
     build.apply(host, f, cfg, build.check(f, cfg), echo=lines.append)
@@ -435,7 +442,7 @@ def test_build_failure_names_the_failed_edge_and_oom_fix():
            "nvcc error   : 'cicc' died due to signal 9 (Kill signal)\nninja: build stopped: subcommand failed.\n")
     host = Host(ctx({
         re.compile(r".*cat-file -e |(mkdir -p|rm -f) "): Result(),
-        re.compile(r".*bash -c 'umask 022; cmake --build "): Result(out, exited=1),
+        re.compile(r".*bash -c 'cmake --build "): Result(out, exited=1),
     }))
     with pytest.raises(StepError) as ei:
         build.apply(host, f, cfg, build.check(f, cfg), echo=lambda s: None)
@@ -588,9 +595,22 @@ def test_ensure_source_clone_checkout_and_errors(repo, tmp_path):
     newer = cfg_with("build.cuda=false", f"build.repo_url=file://{origin}", f"build.src_dir={src}", f"build.sha={third}")
     f = gather(newer)
     assert not f["build"]["has_sha"]
-    notes = build.ensure_source(host, build.plan(f, newer), f["build"])
-    assert any("fetched" in n for n in notes)
+    ran_ops = build.ensure_source(host, build.plan(f, newer), f["build"])
+    assert any(" fetch --tags -- " in n for n in ran_ops)
     assert subprocess.check_output(["git", "-C", str(src), "rev-parse", "HEAD"], text=True).strip() == third
+
+
+def test_build_env_sets_the_pins_commit_time_and_umask(repo):
+    """in_build_env, run for real: SOURCE_DATE_EPOCH is the pinned commit's committer time, the umask 022."""
+    origin, first, _ = repo
+    want = subprocess.check_output(["git", "-C", str(origin), "log", "-1", "--format=%ct", first], text=True).strip()
+    p = {"src": str(origin), "sha": first}
+    out = subprocess.check_output(build.in_build_env(p, ["sh", "-c", 'echo "$SOURCE_DATE_EPOCH"; umask']), text=True)
+    assert out.split() == [want, "0022"]
+    # no checkout yet (or git cannot say): unset, and the command still runs
+    out = subprocess.check_output(build.in_build_env(dict(p, src="/nonexistent"), ["sh", "-c", 'echo "x${SOURCE_DATE_EPOCH}x"']),
+                                  text=True, env={"PATH": os.environ["PATH"]})
+    assert out.strip() == "xx"
 
 
 # --- reproducibility: flags, environment, the stamp's hashes and the lock -------------------------------
