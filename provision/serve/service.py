@@ -23,9 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
-from .. import resources
+from .. import rendering, resources
 from ..facts import qpath
 from ..host import cmd, expand_home, sh
 from ..engine import StepError
@@ -38,10 +36,7 @@ UNIT_PATH = f"/etc/systemd/system/{UNIT_NAME}"
 
 
 def render_template(name: str, **values: Any) -> str:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
-    env.filters["shquote"] = lambda v: shlex.quote(str(v))
-    return env.get_template(name).render(**values)
+    return rendering.render(name, **values)
 
 
 @dataclass

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import shlex
 
-import jinja2
-
-from .. import dnf, resources
+from .. import dnf, rendering
 from ..engine import Change, Check, require_fedora, run_changes
 from ..facts import UNKNOWN, Fact
 from ..ops import Dnf, WriteFile
@@ -27,20 +25,11 @@ from ..ops import Dnf, WriteFile
 NAME = "cuda"
 TITLE = "CUDA 12.9 toolkit without NVIDIA's driver"
 
-TEMPLATES = resources.TEMPLATES
 REPO_DIR = "/etc/yum.repos.d"
 # Installed names that mean NVIDIA's driver came in (from the CUDA repo's metapackages).
 FORBIDDEN_EXACT = ("cuda", "cuda-drivers")
 FORBIDDEN_PREFIX = "nvidia-driver"
 NVIDIA_REPO_HOST = "developer.download.nvidia.com/compute/cuda"
-
-
-def render(name: str, **values) -> str:
-    """Render templates/<name> (undefined values are errors; shquote quotes for sh)."""
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True, autoescape=False)
-    env.filters["shquote"] = lambda v: shlex.quote(str(v))
-    return env.get_template(name).render(**values)
 
 
 def repo_id(cfg: dict) -> str:
@@ -57,14 +46,14 @@ def nvcc_path(cfg: dict) -> str:
 
 def repo_text(cfg: dict) -> str:
     c = cfg["cuda"]
-    return render("cuda.repo.j2", repo_id=repo_id(cfg), release=c["repo_release"], version=c["version"],
+    return rendering.render("cuda.repo.j2", repo_id=repo_id(cfg), release=c["repo_release"], version=c["version"],
                   baseurl=c["repo_baseurl"], gpgcheck=c["repo_gpgcheck"], gpgkey=c.get("repo_gpgkey", ""),
                   exclude=c["exclude"])
 
 
 def profile_text(cfg: dict) -> str:
     c = cfg["cuda"]
-    return render("gpubox-cuda.sh.j2", version=c["version"], nvcc=nvcc_path(cfg),
+    return rendering.render("gpubox-cuda.sh.j2", version=c["version"], nvcc=nvcc_path(cfg),
                   bindir=c["prefix"].rstrip("/") + "/bin")
 
 
