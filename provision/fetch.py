@@ -1,9 +1,11 @@
-"""The model downloader that runs ON THE TARGET (the GPU box), not on the controller.
+"""The models step's code that runs ON THE TARGET (the GPU box), not on the controller.
 
-The models step (provision/steps/models.py) sends this file's source over SSH on stdin together
-with a JSON spec (see `BOOT`), because the 16 GB files must land on the GPU box. It runs there with
-the target's python3 and huggingface_hub; the standard library covers the rest. It can also be run
-by hand:  python3 fetch.py download --spec spec.json   |   python3 fetch.py header FILE.gguf
+The models step (provision/steps/models.py) sends this file, after provision/ggufhead.py, with
+provision/remote.py, because the 16 GB files must land on the GPU box: `inspect` is its fact (what is
+on disk, what the lock says, the Hub's metadata only for what the lock does not answer) and `boot` its
+download (a JSON spec; the token alone on stdin). It runs there with the target's python3 and
+huggingface_hub; the standard library covers the rest. It can also be run by hand, with ggufhead.py
+beside it:  python3 fetch.py download --spec spec.json   |   python3 fetch.py header FILE.gguf
 
 What it does for each file of the spec:
 
@@ -17,9 +19,9 @@ What it does for each file of the spec:
   sidecar `.<file>.gpubox-partial.json` naming the repo, commit, size and expected sha256.
   WHY our own partial file: huggingface_hub >= 1.18 (2.4.0 included) opens its temporary file with
   "wb" and restarts a killed download from byte 0, leaving the old `.incomplete` behind
-  (docs/downloads.md). We keep the partial ourselves and continue it with the
-  library's `http_get(..., resume_size=N)`, which sends `Range: bytes=N-` (and itself retries
-  dropped connections within one run). A partial whose sidecar names another commit/size/hash is
+  (docs/downloads.md; see `_hf`). We keep the partial ourselves and ask for the rest with
+  `Range: bytes=N-` through the library's own HTTP session (`Fetcher._get`, which also reopens a
+  connection dropped within one run). A partial whose sidecar names another commit/size/hash is
   discarded, so nothing stray or mixed survives.
 * Computes sha256 while bytes arrive (on a worker thread: hashlib releases the GIL, so hashing
   overlaps the network). hashlib cannot serialise a half-finished sha256, so on resume the bytes
@@ -37,9 +39,9 @@ What it does for each file of the spec:
 * A partial is continued only when its sidecar names the same repo, file, commit, size, expected
   sha256 AND ETag as the Hub reports now; anything else starts over from byte 0, so an old prefix is
   never joined to changed bytes.
-* Reads the GGUF header (the `gguf` package if installed, else the small reader below, which reads
-  only the first KB) and checks `general.architecture` against the expected one (the assistant file
-  against the fork profile). A mismatch is reported after the verified file is in place and locked,
+* Reads `general.architecture` from the GGUF header (provision/ggufhead.py, which stops after that key)
+  and checks it against the expected one (the assistant file against the fork profile). A mismatch is
+  reported after the verified file is in place and locked,
   so switching the build profile needs no new download.
 
 Progress: "bar" (a \\r progress bar with bytes, rate, ETA, on a terminal), "lines" (a plain line every
@@ -56,7 +58,6 @@ import json
 import os
 import queue
 import re
-import struct
 import sys
 import threading
 import time
@@ -67,23 +68,6 @@ HEX40_RE = re.compile(r"^[0-9a-f]{40}$")
 EXIT_FAILED = 3
 CHUNK_SIZE = 1 << 20
 
-# The bootstrap the models step runs over SSH: python3 -c BOOT <zlib+base64 of this file> <spec JSON>.
-# The source and spec travel on the command line (Invoke/Fabric feed stdin one byte per 10 ms, too slow
-# for 30 KB); the token, the only secret, travels alone on stdin, never on a command line or in a log.
-BOOT = ("import sys,json,zlib,base64;s=json.loads(sys.argv[2]);g={'__name__':'gpubox_fetch'}\n"
-        "if s.get('token_stdin'):s['token']=sys.stdin.readline().strip() or None\n"
-        "exec(compile(zlib.decompress(base64.b64decode(sys.argv[1])),'gpubox-fetch.py','exec'),g)\n"
-        "sys.exit(g['run_spec'](s))")
-
-
-def packed_source() -> str:
-    """This file, compressed for the command line of BOOT."""
-    import base64
-    import zlib
-    with open(__file__, "rb") as fh:
-        return base64.b64encode(zlib.compress(fh.read(), 9)).decode()
-
-
 class FetchError(Exception):
     def __init__(self, kind: str, message: str, fix: str = "", **extra):
         self.kind, self.message, self.fix, self.extra = kind, message, fix, extra
@@ -93,84 +77,15 @@ class FetchError(Exception):
         return {"kind": self.kind, "message": self.message, "fix": self.fix, **self.extra}
 
 
-# --- GGUF header --------------------------------------------------------------------------------------
+# --- GGUF header and progress: provision/ggufhead.py, provision/progress.py ---------------------------------------------------------------
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-class _Buf:
-    def __init__(self, f):
-        self.f = f
-
-    def read(self, n: int) -> bytes:
-        b = self.f.read(n)
-        if len(b) != n:
-            raise ValueError("truncated GGUF header")
-        return b
-
-    def unpack(self, fmt: str):
-        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
-
-
-def _read_value(b: _Buf, vtype: int, u64: str, keep: bool):
-    if vtype in _SCALARS:
-        return b.unpack(_SCALARS[vtype])
-    if vtype == 8:
-        n = b.unpack(u64)
-        if n > 1 << 24:
-            raise ValueError("implausible GGUF string length")
-        s = b.read(n)
-        return s.decode("utf-8", "replace") if keep else None
-    if vtype == 9:
-        itype, count = b.unpack("<I"), b.unpack(u64)
-        if itype in _SCALARS and itype != 8:
-            size = struct.calcsize(_SCALARS[itype])
-            b.read(size * count)
-        else:
-            for _ in range(count):
-                _read_value(b, itype, u64, False)
-        return {"array_of": itype, "count": count}
-    raise ValueError(f"unknown GGUF value type {vtype}")
-
-
-def read_header_pure(path: str, stop_at: str | None = None, max_kv: int = 64) -> dict:
-    """GGUF magic, version, tensor/kv counts and the first scalar key/values (strings included),
-    reading only what is needed. Stops after `stop_at` when given."""
-    with open(path, "rb") as f:
-        b = _Buf(f)
-        if b.read(4) != b"GGUF":
-            raise ValueError("not a GGUF file (bad magic)")
-        version = b.unpack("<I")
-        u64 = "<I" if version == 1 else "<Q"
-        n_tensors, n_kv = b.unpack(u64), b.unpack(u64)
-        kv: dict = {}
-        for _ in range(min(n_kv, max_kv)):
-            key = _read_value(b, 8, u64, True)
-            vtype = b.unpack("<I")
-            kv[key] = _read_value(b, vtype, u64, True)
-            if stop_at and key == stop_at:
-                break
-    return {"version": version, "n_tensors": n_tensors, "n_kv": n_kv, "kv": kv}
-
-
-def read_arch(path: str) -> tuple[str, str]:
-    """(general.architecture, reader used). The gguf package when installed, else the pure reader."""
-    try:
-        import gguf  # type: ignore
-    except Exception:
-        gguf = None
-    if gguf is not None:
-        try:
-            r = gguf.GGUFReader(path)
-            fld = r.fields["general.architecture"]
-            return bytes(fld.parts[fld.data[0]]).decode(), "gguf"
-        except Exception:
-            pass  # an old or broken gguf package: the pure reader decides
-    hdr = read_header_pure(path, stop_at="general.architecture")
-    arch = hdr["kv"].get("general.architecture")
-    if not isinstance(arch, str):
-        raise ValueError("general.architecture not found in the GGUF header")
-    return arch, "pure"
+try:    # in the provision package (the controller, tests)
+    from .ggufhead import GGUFError, architecture, read_header
+    from .progress import Progress, human
+except ImportError:    # on the target: provision/remote.py ran their sources first, into this namespace
+    if "architecture" not in globals():    # run by hand as a script, with ggufhead.py and progress.py beside it
+        from ggufhead import GGUFError, architecture, read_header  # type: ignore
+        from progress import Progress, human  # type: ignore
 
 
 # --- hashing and progress -----------------------------------------------------------------------------
@@ -222,63 +137,11 @@ class NoHash:
         return ""
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def eta(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds or seconds < 0:
-        return "--:--"
-    s = int(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
-
-
-class Progress:
-    def __init__(self, mode: str, name: str, total: int | None, initial: int, interval: float, out=None):
-        self.mode, self.name, self.total, self.initial = mode, name, total, initial
-        self.interval = {"bar": 0.2, "machine": 0.5}.get(mode, interval)
-        self.out = out or (sys.stderr if mode == "bar" else sys.stdout)
-        self.t0 = time.monotonic()
-        self.last = 0.0
-        self.pos = initial
-
-    def stats(self):
-        dt = time.monotonic() - self.t0
-        rate = (self.pos - self.initial) / dt if dt > 0 else 0.0
-        left = (self.total - self.pos) / rate if rate > 0 and self.total else None
-        return rate, left
-
-    def update(self, pos: int, final: bool = False):
-        self.pos = pos
-        now = time.monotonic()
-        if not final and now - self.last < self.interval:
-            return
-        self.last = now
-        rate, left = self.stats()
-        total = self.total or 0
-        if self.mode == "machine":
-            self.out.write("@@progress " + json.dumps({"file": self.name, "done": pos, "total": self.total,
-                                                       "rate": round(rate), "eta": left}) + "\n")
-        elif self.mode == "bar":
-            frac = pos / total if total else 0
-            bar = "#" * int(frac * 24) + "." * (24 - int(frac * 24))
-            self.out.write(f"\r{self.name[:40]:<40} [{bar}] {human(pos)}/{human(total)} "
-                           f"{human(rate)}/s ETA {eta(left)}" + ("\n" if final else ""))
-        elif self.mode == "lines":
-            pct = f"{100 * pos / total:5.1f}%" if total else "  ?  "
-            self.out.write(f"{self.name}: {pct} {human(pos)} of {human(total)}, {human(rate)}/s, ETA {eta(left)}\n")
-        self.out.flush()
-
-
 class HashingWriter:
-    """The file object handed to huggingface_hub's http_get: writes, hashes and reports progress.
+    """The file object Fetcher._get writes to: writes, hashes and reports progress.
 
-    http_get calls write(); when a server ignores Range and answers 200 it rewinds with
-    seek(tell() - resume_size) and truncate(): the hash then restarts too."""
+    _get calls write(); when a server ignores Range and answers 200 it rewinds with
+    seek(0) and truncate(): the hash then restarts too."""
 
     def __init__(self, f, hasher, start: int, progress: Progress | None):
         self.f, self.h, self.pos, self.progress = f, hasher, start, progress
@@ -315,23 +178,24 @@ class HashingWriter:
 # --- the download -------------------------------------------------------------------------------------
 
 def _hf():
-    """huggingface_hub, imported after HF_* variables are set (it reads them at import)."""
+    """huggingface_hub, imported after HF_* variables are set (it reads them at import).
+
+    Only its public API: hf_hub_url and get_hf_file_metadata (the resolved commit, size, sha256 and storage
+    location), build_hf_headers (token, user agent), and utils.http_stream_backoff (its HTTP session with
+    retries) for the transfer. Not hf_hub_download: it cannot continue a download across runs. In
+    huggingface_hub 2.4.0 (file_download._download_to_tmp_and_move) every call writes to a new
+    `<etag>.<uuid4>.incomplete` opened with "wb" and deletes nothing it did not finish, so a killed 16 GB
+    download starts again at byte 0 (docs/downloads.md; 1.18 and newer behave so). gpubox keeps its own
+    partial file and asks for the rest with `Range: bytes=N-` (Fetcher._get)."""
     try:
         import huggingface_hub as hh  # type: ignore
-        from huggingface_hub import file_download as fd  # type: ignore
-        from huggingface_hub.utils import build_hf_headers, disable_progress_bars  # type: ignore
+        from huggingface_hub import utils as hu  # type: ignore
     except ImportError as e:
         raise FetchError("dependency", f"huggingface_hub is not importable by {sys.executable}: {e}",
                          "install it on the target (dnf install python3-huggingface-hub, or pip install --user "
-                         "'huggingface_hub>=0.30') and run again")
-    disable_progress_bars()  # our own progress (bar / lines / machine), not tqdm's
-    # http_get buffers DOWNLOAD_CHUNK_SIZE (10 MiB) per write: what a kill loses is up to one chunk, and
-    # progress moves in chunk steps. 1 MiB keeps both fine-grained at no measurable cost (bench/).
-    try:
-        hh.constants.DOWNLOAD_CHUNK_SIZE = CHUNK_SIZE
-    except AttributeError:
-        pass
-    return hh, fd, build_hf_headers
+                         "'huggingface_hub>=1.18') and run again")
+    hu.disable_progress_bars()  # our own progress (bar / lines / machine), not tqdm's
+    return hh, hu
 
 
 def partial_paths(final: str) -> tuple[str, str]:
@@ -416,13 +280,13 @@ class Fetcher:
         return self.spec.get("endpoint") or os.environ.get("HF_ENDPOINT") or None
 
     def metadata(self, f: dict, revision: str):
-        hh, fd, _ = self.hf()
+        hh, _ = self.hf()
         url = hh.hf_hub_url(f["repo"], f["filename"], revision=revision, endpoint=self.endpoint())
         try:
             try:
-                return fd.get_hf_file_metadata(url, token=self.token, timeout=self.timeout, retry_on_errors=True)
+                return hh.get_hf_file_metadata(url, token=self.token, timeout=self.timeout, retry_on_errors=True)
             except TypeError:  # huggingface_hub < 1.0 has no retry_on_errors
-                return fd.get_hf_file_metadata(url, token=self.token, timeout=self.timeout)
+                return hh.get_hf_file_metadata(url, token=self.token, timeout=self.timeout)
         except Exception as e:
             name = type(e).__name__
             fix = {"RevisionNotFoundError": f"check models.files.{f['key']}.revision (branch, tag or commit)",
@@ -561,15 +425,15 @@ class Fetcher:
             self._chown(job["final"])
         res.update(size=st.st_size, mtime_ns=st.st_mtime_ns, seconds=round(time.monotonic() - t0, 3))
         try:
-            res["arch"], res["header_reader"] = read_arch(job["final"])
-        except (OSError, ValueError) as e:
+            res["arch"] = architecture(job["final"])
+        except (OSError, ValueError, GGUFError) as e:
             raise FetchError("header", f"{job['filename']}: the GGUF header cannot be read: {e}",
                              "the file is not a GGUF model: check models.files.*.filename", file=job["key"])
         return res
 
     def _transfer(self, job: dict) -> dict:
         import fcntl
-        _, fd, build_hf_headers = self.hf()
+        _, hu = self.hf()
         os.makedirs(self.dir, exist_ok=True)
         partial, side = job["partial"], job["sidecar"]
         with open(side + ".tmp", "w") as fh:
@@ -608,13 +472,15 @@ class Fetcher:
                 self.say(f"{job['filename']}: resuming at {human(have)} of {human(job['size'] or 0)} "
                          f"(re-hashed the partial file in {rehash:.1f}s)")
             fh.seek(have)
-            progress = Progress(self.mode, job["filename"], job["size"], have, self.interval, out=self.out if self.mode != "bar" else None)
+            progress = Progress(job["filename"], total=job["size"], style=self.mode, initial=have,
+                                every_s={"bar": 0.2, "machine": 0.5}.get(self.mode, self.interval),
+                                out=self.out if self.mode != "bar" else None)
             w = HashingWriter(fh, hasher, have, progress)
-            headers = build_hf_headers(token=self.token)
+            headers = hu.build_hf_headers(token=self.token)
             headers["Accept-Encoding"] = "identity"
             t0 = time.monotonic()
             try:
-                fd.http_get(job["location"], w, resume_size=have, headers=headers, expected_size=job["size"])
+                self._get(job["location"], w, headers, job["size"])
             except Exception as e:
                 fh.flush()
                 raise FetchError("http", f"{job['filename']}: download interrupted at {human(w.pos)}: "
@@ -660,6 +526,39 @@ class Fetcher:
         return {"sha256": actual or job["expected"], "transferred": w.received, "resumed_from": have,
                 "rehash_s": round(rehash, 3), "transfer_s": round(dt, 3),
                 "expected_from": job["expected_from"], "verified": bool(self.hash and job["expected"])}
+
+    def _get(self, url: str, w: "HashingWriter", headers: dict, size: int | None, tries: int = 5) -> None:
+        """GET url into w from w.pos on (`Range: bytes=N-`), CHUNK_SIZE bytes per write (what a kill loses, and
+        the progress step). A connection dropped mid-body is reopened at the new position, `tries` times in a
+        row without progress; a server that ignores Range (200) makes w start over; HTTP errors are raised."""
+        hh, hu = self.hf()
+        from huggingface_hub.errors import HfHubHTTPError  # type: ignore
+        left = tries
+        while size is None or w.pos < size:
+            h = dict(headers, Range=f"bytes={w.pos}-") if w.pos else dict(headers)
+            before = w.pos
+            try:
+                # retry_on_exceptions=(): an error in the body must come here (to reopen at w.pos), not
+                # restart the request from byte 0 inside the library (huggingface_hub's http_get does the same).
+                with hu.http_stream_backoff("GET", url, headers=h, timeout=hh.constants.HF_HUB_DOWNLOAD_TIMEOUT,
+                                            retry_on_exceptions=(), retry_on_status_codes=(408, 429)) as r:
+                    hu.hf_raise_for_status(r)
+                    if w.pos and r.status_code == 200:
+                        w.seek(0)
+                        w.truncate()
+                    for chunk in r.iter_bytes(chunk_size=CHUNK_SIZE):
+                        if chunk:
+                            w.write(chunk)
+                if size is None:
+                    return
+                if w.pos == before:
+                    raise OSError(f"the server sent no bytes at offset {w.pos} of {size}")
+            except HfHubHTTPError:
+                raise
+            except Exception:
+                left = tries if w.pos > before else left - 1
+                if left <= 0:
+                    raise
 
     def run(self) -> dict:
         created = not os.path.isdir(self.dir)
@@ -711,6 +610,89 @@ def run_spec(spec: dict, out=None) -> int:
     return EXIT_FAILED if result["errors"] else 0
 
 
+def boot(spec_json: str) -> int:
+    """The models step's entry (provision/remote.py): the spec from the command line, the token, when the
+    spec says one comes, from the first line of stdin (never on a command line or in a log)."""
+    spec = json.loads(spec_json)
+    if spec.get("token_stdin"):
+        spec["token"] = sys.stdin.readline().strip() or None
+    return run_spec(spec)
+
+
+def inspect(args_json: str, models_dir: str, lock_path: str) -> int:
+    """The models step's fact: per configured file its size/mtime/owner and any partial file, the lock, free
+    disk at models.dir, whether huggingface_hub imports, and the Hub's metadata (size, commit, sha256) only
+    for files the lock does not describe (all of them with update): one JSON line, no download."""
+    import pwd
+    a = json.loads(args_json)
+    out = {"dir": models_dir, "files": {}, "lock": None, "remote": {}, "free": None, "hf": None, "owner_uid": None}
+    try:
+        out["owner_uid"] = (pwd.getpwnam(a["owner"]) if a["owner"] else pwd.getpwuid(os.geteuid())).pw_uid
+    except KeyError:
+        pass
+    try:
+        with open(lock_path) as fh:
+            out["lock"] = json.load(fh)
+    except FileNotFoundError:
+        pass
+    except Exception as e:
+        out["lock"] = {"_error": "%s: %s" % (type(e).__name__, e)}
+    p = models_dir
+    while not os.path.exists(p):
+        p = os.path.dirname(p) or "/"
+    try:
+        st = os.statvfs(p)
+        out["free"] = st.f_bavail * st.f_frsize
+    except OSError:
+        pass
+    models = (out["lock"] or {}).get("models", {}) if isinstance(out["lock"], dict) else {}
+    need = []
+    for k, f in a["files"].items():
+        final = os.path.join(models_dir, f["filename"])
+        e = {}
+        try:
+            s = os.stat(final)
+            e.update(size=s.st_size, mtime_ns=s.st_mtime_ns, uid=s.st_uid)
+        except OSError:
+            pass
+        try:
+            e["partial"] = os.stat(partial_paths(final)[0]).st_size
+        except OSError:
+            pass
+        out["files"][k] = e
+        le = models.get(k) if isinstance(models.get(k), dict) else {}
+        locked = (le.get("repo") == f["repo"] and le.get("filename") == f["filename"]
+                  and f["revision"] in (le.get("revision"), le.get("commit")))
+        if a["update"] or not locked:
+            need.append(k)
+    out["hf"], out["remote"] = _remote_metadata(a, need)
+    print(json.dumps(out))
+    return 0
+
+
+def _remote_metadata(a: dict, keys: list) -> tuple:
+    """(huggingface_hub's version or None, {key: {size, commit, sha256} or {error}}) for these files."""
+    if a["endpoint"]:
+        os.environ["HF_ENDPOINT"] = a["endpoint"]
+    os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+    try:
+        import huggingface_hub as hh
+        from huggingface_hub import utils as hu
+        hu.disable_progress_bars()
+    except Exception:
+        return None, {}
+    remote = {}
+    for k in keys:
+        f = a["files"][k]
+        try:
+            url = hh.hf_hub_url(f["repo"], f["filename"], revision=f["revision"], endpoint=a["endpoint"] or None)
+            m = hh.get_hf_file_metadata(url, timeout=a["timeout"])
+            remote[k] = {"size": m.size, "commit": m.commit_hash, "sha256": (m.etag or "").strip('"')}
+        except Exception as e:
+            remote[k] = {"error": type(e).__name__}
+    return hh.__version__, remote
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fetch.py", description="gpubox model downloader (runs on the target)")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -722,9 +704,9 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("path")
     a = ap.parse_args(argv)
     if a.cmd == "header":
-        hdr = read_header_pure(a.path)
-        arch, reader = read_arch(a.path)
-        print(json.dumps({"arch": arch, "reader": reader, **hdr}, default=str))
+        hdr = read_header(a.path, stop_at="general.architecture")
+        print(json.dumps({"arch": architecture(a.path), "version": hdr["version"], "kv": hdr["metadata"]},
+                         default=str))
         return 0
     spec = json.load(sys.stdin if a.spec == "-" else open(a.spec))
     spec.setdefault("token", os.environ.get("HF_TOKEN") or None)

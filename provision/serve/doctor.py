@@ -70,7 +70,7 @@ MIB = 1 << 20
 
 def embedding_on_host(draft, *, dialect: str, head: dict[str, Any] | None = None) -> tuple[dict[str, float], str]:
     """The host model buffers of the assistant's load_tensors block that mean its LM head is not on the GPU,
-    and why ({} when none). `head` is the assistant's GGUF header summary (provision.tune.ggufhead), which
+    and why ({} when none). `head` is the assistant's GGUF header summary (provision.ggufhead), which
     gives the size of its token_embd.
 
     - pre-sync head (gemma4_assistant): token_embd IS the LM head (no output copy), and the loader keeps it in a

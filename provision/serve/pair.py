@@ -2,7 +2,7 @@
 
     problems = check(target_summary, head_summary, dialect="post-sync")
 
-The summaries are provision/tune/ggufhead.py's (read on the target, header only). Each problem names the rule,
+The summaries are provision/ggufhead.py's (read on the target, header only). Each problem names the rule,
 what the files say, and the fix. The rules (docs/serve-mtp.md, "Pair rules") come from how the head is wired
 to the target: it views the target's KV cache (its sliding layers the target's layer n-2, its full layer
 n-1, with the head's own head sizes and KV head counts), and its input is the target's token embedding plus the

@@ -12,24 +12,22 @@ that exits while loading is reported with the log lines that say why.
 from __future__ import annotations
 
 import json
-import shlex
-from pathlib import Path
 from typing import Any
 
 from ..engine import Change, Check, StepError
 from ..facts import UNKNOWN, Fact, qpath
 from ..host import expand_home
-from ..tune import ggufhead, state as tune_state
+from .. import ggufhead, remote
+from ..tune import state as tune_state
 from . import helptext, pair, render, service, smoke
 
-GGUFHEAD_SRC = Path(ggufhead.__file__).read_text()
 MTP_SPECS = ("mtp", "draft-mtp")
 
 NAME = "serve"
 TITLE = "llama-server: rendered for the built dialect, installed, running"
 def _gguf_fact(cfg: dict) -> str:
-    """Both GGUF headers (model, then the head), summarized on the target by provision/tune/ggufhead.py; only
-    when serving with an MTP head. The reader travels as `python3 -c` text (Invoke feeds stdin slowly)."""
+    """Both GGUF headers (model, then the head), summarized on the target by provision/ggufhead.py (sent by
+    provision/remote.py); only when serving with an MTP head."""
     s = cfg["serve"]
     files = cfg["models"]["files"]
     if not (s.get("draft_model") and s.get("spec_type") in MTP_SPECS and s["draft_model"] in files):
@@ -37,7 +35,7 @@ def _gguf_fact(cfg: dict) -> str:
     mdir = cfg["models"]["dir"].rstrip("/")
     model, draft = (f"{mdir}/{files[k]['filename']}" for k in ("model", s["draft_model"]))
     return (f"[ -r {qpath(model)} ] && [ -r {qpath(draft)} ] || exit 0; "
-            f"python3 -c {shlex.quote(GGUFHEAD_SRC)} {qpath(model)} {qpath(draft)}")
+            f"{remote.snippet([ggufhead], 'print_summaries')} {qpath(model)} {qpath(draft)}")
 
 
 def _parse_gguf(out: str, rc: int):
@@ -155,7 +153,7 @@ def check_pair(facts: dict, cfg: dict, serve: dict, dialect: str, model: str, dr
     g = facts.get("serve_gguf")
     if not isinstance(g, dict) or not g:
         raise StepError(f"serve: could not read the GGUF headers of {model} and {draft} on the host (python3 "
-                        "with provision/tune/ggufhead.py), so the MTP pair cannot be checked before launch",
+                        "with provision/ggufhead.py), so the MTP pair cannot be checked before launch",
                         "check that python3 runs on the target and that both files are GGUF (invoke models)")
     for role, path in (("target", model), ("head", draft)):
         if g[role].get("error"):

@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .. import config as configmod, lockfile, repro
+from .. import config as configmod, lockfile, progress, repro
 from ..engine import Change, Check, StepError, run_changes
 from ..facts import UNKNOWN, Fact, qpath
 from ..host import CommandFailed, cmd, expand_home
@@ -671,14 +671,14 @@ def _build_changes(f: dict, p: dict, why: list[str]) -> list[Change]:
 # --- apply --------------------------------------------------------------------------------------------
 
 class Progress:
-    """Turns Ninja's `[n/N]` lines into a few progress lines; every line still goes to the step log."""
+    """Ninja's `[n/N]` (or Make's `[ 45%]`) lines of the build -> provision/progress.py's lines (every
+    `every_pct` percent or `every_s` seconds); every line still goes to the step log, FAILED: lines are kept."""
 
     def __init__(self, echo: Callable[[str], None] = print, log: Callable[[str], None] | None = None,
                  every_pct: int = 10, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
-        self.echo, self.log, self.every_pct, self.every_s, self.clock = echo, log, every_pct, every_s, clock
-        self.t0 = clock()
-        self.last_t = self.t0
-        self.last_pct = -1
+        self.log = log
+        self.shown = progress.Progress(f"[{NAME}]", unit="edges", echo=echo, every_pct=every_pct, every_s=every_s,
+                                       clock=clock)
         self.done = self.total = 0
         self.failed: list[str] = []
         self.lines = 0
@@ -689,25 +689,11 @@ class Progress:
             self.log(line)
         if line.startswith("FAILED:"):
             self.failed.append(line)
-        m = NINJA_RE.match(line)
-        if m:
-            self.done, self.total = int(m.group(1)), int(m.group(2))
-            pct = 100 * self.done // max(1, self.total)
-        else:
-            m = MAKE_RE.match(line)
-            if not m:
-                return
-            pct = int(m.group(1))
-            self.done, self.total = pct, 100
-        now = self.clock()
-        if pct // self.every_pct > self.last_pct // self.every_pct or now - self.last_t >= self.every_s \
-                or self.done == self.total:
-            self.last_pct, self.last_t = pct, now
-            self.echo(f"[{NAME}] {self.done}/{self.total} ({pct}%) {_mmss(now - self.t0)}")
-
-
-def _mmss(s: float) -> str:
-    return f"{int(s) // 60}m{int(s) % 60:02d}s"
+        m = NINJA_RE.match(line) or MAKE_RE.match(line)
+        if not m:
+            return
+        self.done, self.total = (int(m.group(1)), int(m.group(2))) if m.re is NINJA_RE else (int(m.group(1)), 100)
+        self.shown.update(self.done, self.total)
 
 
 def parse_times(text: str) -> tuple[float, float] | None:
@@ -900,19 +886,19 @@ class Compile(Op):
 
     def run(self, host, state: dict):
         p, echo = self.p, state.get("echo", print)
-        progress = Progress(echo=echo, log=getattr(host, "log", None))
+        ninja = Progress(echo=echo, log=getattr(host, "log", None))
         echo(f"[{NAME}] building {', '.join(p['targets'])}: {p['jobs']} jobs ({p['jobs_why']})")
         t0 = time.monotonic()
         try:
-            res = host.run(self.argv(), stream=progress)
+            res = host.run(self.argv(), stream=ninja)
         except CommandFailed as e:
-            raise _build_failure(p, progress, e) from None
+            raise _build_failure(p, ninja, e) from None
         wall = time.monotonic() - t0
         times = parse_times(res.stdout or "")
         cpu = round(sum(times), 3) if times else None
-        echo(f"[{NAME}] built in {_mmss(wall)}" + (f", {cpu / 60:.1f} CPU-minutes" if cpu else "")
-             + (f" ({progress.total} edges)" if progress.total else " (nothing to do)"))
-        state["timing"] = {"build_seconds": round(wall, 3), "build_cpu_seconds": cpu, "edges": progress.total}
+        echo(f"[{NAME}] built in {progress.mmss(wall)}" + (f", {cpu / 60:.1f} CPU-minutes" if cpu else "")
+             + (f" ({ninja.total} edges)" if ninja.total else " (nothing to do)"))
+        state["timing"] = {"build_seconds": round(wall, 3), "build_cpu_seconds": cpu, "edges": ninja.total}
 
 
 def _build_failure(p: dict, progress: "Progress", e: CommandFailed) -> StepError:

@@ -1,6 +1,6 @@
 """Step 6: the model GGUF and its MTP assistant head, pinned, verified, resumable, locked.
 
-Facts (one python3 run inside the fact script, no network in the steady state):
+Facts (fetch.inspect: one python3 run inside the fact script, no network in the steady state):
   * the lock file (<state_dir>/gpubox.lock.json), each file's size/mtime/owner, any partial file,
     free disk at models.dir, whether huggingface_hub is importable;
   * the Hub's metadata (size, commit, sha256) ONLY for files the lock does not describe, or for all
@@ -13,8 +13,8 @@ the lock, not recomputed (`invoke verify --deep` re-hashes). A second provision 
 request and transfers nothing. The assistant's recorded general.architecture must be the fork
 profile's (gemma4_assistant pre-sync, gemma4-assistant post-sync).
 
-apply(): sends provision/fetch.py over SSH (stdin) and runs it on the target, where the files
-belong; it resumes partial files, verifies sha256 while downloading, and reports @@progress lines
+apply(): sends provision/fetch.py (with provision/ggufhead.py) on python3's command line and runs it on
+the target, where the files belong; it resumes partial files, verifies sha256 while downloading, and reports @@progress lines
 that are rendered here (a bar on a terminal, plain lines otherwise). Then the lock is written.
 
 The Hub endpoint and token: HF_ENDPOINT and HF_TOKEN of the controller's environment are passed on
@@ -28,15 +28,14 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import shlex
 import sys
-import time
 from dataclasses import dataclass, field
 
 from .. import config as cfgmod
 from .. import dnf
 from .. import fetch as fetchmod
-from .. import lockfile
+from .. import ggufhead, lockfile, progress, remote
+from ..progress import Progress
 from ..engine import Change, Check, StepError, require_fedora, run_changes
 from ..facts import UNKNOWN, Fact, qpath
 from ..ops import Cmd, Dnf, Op, Refuse
@@ -44,68 +43,8 @@ from ..ops import Cmd, Dnf, Op, Refuse
 NAME = "models"
 TITLE = "GGUF model and MTP assistant head"
 
-# Runs on the target inside the fact script: argv[1] = JSON args, argv[2] = models dir, argv[3] = lock path.
-_FACT_PY = r'''
-import json, os, sys, pwd
-a = json.loads(sys.argv[1]); d = sys.argv[2]; lockp = sys.argv[3]
-out = {"dir": d, "files": {}, "lock": None, "remote": {}, "free": None, "hf": None, "owner_uid": None}
-try:
-    out["owner_uid"] = (pwd.getpwnam(a["owner"]) if a["owner"] else pwd.getpwuid(os.geteuid())).pw_uid
-except KeyError:
-    pass
-try:
-    with open(lockp) as fh:
-        out["lock"] = json.load(fh)
-except FileNotFoundError:
-    pass
-except Exception as e:
-    out["lock"] = {"_error": "%s: %s" % (type(e).__name__, e)}
-p = d
-while not os.path.exists(p):
-    p = os.path.dirname(p) or "/"
-try:
-    st = os.statvfs(p); out["free"] = st.f_bavail * st.f_frsize
-except OSError:
-    pass
-models = (out["lock"] or {}).get("models", {}) if isinstance(out["lock"], dict) else {}
-need = []
-for k, f in a["files"].items():
-    fp = os.path.join(d, f["filename"]); pp = os.path.join(d, "." + f["filename"] + ".gpubox-partial")
-    e = {}
-    try:
-        s = os.stat(fp); e.update(size=s.st_size, mtime_ns=s.st_mtime_ns, uid=s.st_uid)
-    except OSError:
-        pass
-    try:
-        e["partial"] = os.stat(pp).st_size
-    except OSError:
-        pass
-    out["files"][k] = e
-    le = models.get(k) if isinstance(models.get(k), dict) else {}
-    locked = le.get("repo") == f["repo"] and le.get("filename") == f["filename"] and f["revision"] in (le.get("revision"), le.get("commit"))
-    if a["update"] or not locked:
-        need.append(k)
-if a["endpoint"]:
-    os.environ["HF_ENDPOINT"] = a["endpoint"]
-os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
-try:
-    import huggingface_hub as hh
-    from huggingface_hub import file_download as fd
-    out["hf"] = hh.__version__
-    hh.utils.disable_progress_bars()
-except Exception:
-    hh = None
-if hh is not None:
-    for k in need:
-        f = a["files"][k]
-        try:
-            m = fd.get_hf_file_metadata(hh.hf_hub_url(f["repo"], f["filename"], revision=f["revision"], endpoint=a["endpoint"] or None), timeout=a["timeout"])
-            out["remote"][k] = {"size": m.size, "commit": m.commit_hash, "sha256": (m.etag or "").strip('"')}
-        except Exception as e:
-            out["remote"][k] = {"error": type(e).__name__}
-print(json.dumps(out))
-'''
-
+# What runs on the target (provision/remote.py): fetch.inspect is the fact, fetch.boot the download.
+ON_TARGET = [ggufhead, progress, fetchmod]
 
 def _endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "").strip()
@@ -121,7 +60,7 @@ def _models_fact_cmd(cfg: dict) -> str:
             "update": bool(m["update"]), "endpoint": _endpoint(), "timeout": m["metadata_timeout"], "owner": _owner(cfg)}
     # One bounded python3 run; the timeout covers the HEAD requests when the lock does not answer.
     limit = 2 * m["metadata_timeout"] * max(1, len(m["files"])) + 5
-    return (f"timeout {limit} python3 -c {shlex.quote(_FACT_PY)} {shlex.quote(json.dumps(args))} "
+    return (f"timeout {limit} {remote.snippet(ON_TARGET, 'inspect', json.dumps(args))} "
             f"{qpath(m['dir'])} {qpath(lockfile.path(cfg))}")
 
 
@@ -141,7 +80,7 @@ FACTS = [
 # --- decisions ---------------------------------------------------------------------------------------
 
 def human(n) -> str:
-    return fetchmod.human(n) if isinstance(n, int) else "unknown size"
+    return progress.human(n) if isinstance(n, int) else "unknown size"
 
 
 def draft_key(cfg: dict) -> str:
@@ -336,13 +275,14 @@ def _download_ops(facts: dict, cfg: dict, work: dict) -> list:
 # --- apply -------------------------------------------------------------------------------------------
 
 class Render:
-    """@@progress lines from the target -> a bar on a terminal, a plain line every interval otherwise."""
+    """The target's output: @@progress lines rendered again (provision/progress.py: a bar on a terminal, a
+    plain line every interval otherwise), other lines shown, every line kept for @@result/@@error."""
 
     def __init__(self, interval: float, out=None):
         self.out = out or sys.stdout
         self.tty = hasattr(self.out, "isatty") and self.out.isatty()
         self.interval = interval
-        self.last: dict[str, float] = {}
+        self.files: dict[str, Progress] = {}
         self.lines: list[str] = []
 
     def __call__(self, line: str) -> None:
@@ -352,22 +292,11 @@ class Render:
                 p = json.loads(line[len("@@progress "):])
             except ValueError:
                 return
-            done, total, rate = p["done"], p.get("total") or 0, p.get("rate") or 0
-            final = bool(total and done >= total)
-            now = time.monotonic()
-            last = self.last.get(p["file"])
-            if last == -1.0 or (not self.tty and not final and last is not None and now - last < self.interval):
-                return   # finished already, or too soon for another plain line
-            self.last[p["file"]] = -1.0 if final else now
-            pct = 100 * done / total if total else 0
-            text = (f"{p['file']}: {pct:5.1f}% {fetchmod.human(done)} of {fetchmod.human(total)}, "
-                    f"{fetchmod.human(rate)}/s, ETA {fetchmod.eta(p.get('eta'))}")
-            if self.tty:
-                bar = "#" * int(pct / 100 * 24)
-                self.out.write(f"\r  [models] [{bar:<24}] {text}" + ("\n" if final else ""))
-            else:
-                self.out.write(f"  [models] {text}\n")
-            self.out.flush()
+            pr = self.files.get(p["file"])
+            if pr is None:
+                pr = self.files[p["file"]] = Progress(f"  [models] {p['file']}", style="bar" if self.tty else "lines",
+                                                      every_s=0.0 if self.tty else self.interval, out=self.out)
+            pr.update(p["done"], p.get("total") or 0, rate=p.get("rate") or 0, left=p.get("eta"))
         elif not line.startswith("@@"):
             self.out.write(f"  [models] {line}\n")
             self.out.flush()
@@ -432,13 +361,13 @@ class Download(Op):
 
     def text(self) -> str:
         files = ", ".join(f"{f['repo']}/{f['filename']}@{f['revision']}" for f in self.spec["files"])
-        return f"python3 -c <provision/fetch.py> download {files} -> {self.spec['dir']} (resumed, sha256 verified)"
+        return f"python3 -c <provision/fetch.py boot> {files} -> {self.spec['dir']} (resumed, sha256 verified)"
 
     def run(self, host, state: dict):
         token = os.environ.get("HF_TOKEN") or None
         sp = dict(self.spec, token_stdin=bool(token))
         render = Render(sp["progress_interval"])
-        r = host.run(["python3", "-c", fetchmod.BOOT, fetchmod.packed_source(), json.dumps(sp)],
+        r = host.run(remote.argv(ON_TARGET, "boot", json.dumps(sp)),
                      stdin=(token + "\n") if token else None, root=self.root, check=False, stream=render)
         found = render.tagged("result")
         state["errors"] = render.tagged("error")
@@ -447,7 +376,7 @@ class Download(Op):
             out = "\n".join(line for line in render.lines if not line.startswith("@@progress"))
             raise StepError(f"{NAME}: the downloader on the target exited {r.exited} without a result",
                             "see the output below; python3 and huggingface_hub must work on the target",
-                            command="python3 -c <gpubox fetch>", exited=r.exited,
+                            command="python3 -c <provision/fetch.py boot>", exited=r.exited,
                             output=(out + "\n" + (r.stderr or "")).strip())
         return None
 

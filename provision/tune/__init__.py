@@ -3,7 +3,7 @@ real configuration, with a safety margin. Predict with llama-fit-params, verify 
 
     search.py    pure decisions: estimates + probe outcomes in, next action out (unit-tested on recorded data)
     fitparams.py llama-fit-params -fitp on: argv and output parser
-    ggufhead.py  GGUF header reader (runs on the target): layer count, vocabulary, assistant size
+    (the GGUF header reader it runs on the target is provision/ggufhead.py)
     probe.py     one real llama-server run per value (probe.sh), outcome classification
     state.py     <state_dir>/tune.json: current result (read by serve), cached results, overhead constants
     report.py    probe table and PNG plot

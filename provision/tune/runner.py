@@ -7,7 +7,7 @@ provision.tune.local for the offline benchmark); the decisions are provision.tun
 
 Order of work, cheapest first: nvidia-smi (is there a GPU at all? if not: say so, change nothing), the
 identities of the files (stat), the stored result (a hit costs nothing more), the GGUF headers (read on the
-target by provision/tune/ggufhead.py), fit-params estimates (< 1 s each), then real probes.
+target by provision/ggufhead.py), fit-params estimates (< 1 s each), then real probes.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import copy
 import datetime as _dt
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..facts import parse_gpus
 from ..host import CommandFailed, cmd
-from . import fitparams, ggufhead, probe as P, search as S, state as ST
+from .. import ggufhead, remote
+from . import fitparams, probe as P, search as S, state as ST
 
-GGUFHEAD_SRC = Path(ggufhead.__file__).read_text()
 
 
 class TuneError(Exception):
@@ -110,8 +110,7 @@ def file_ids(host, paths: list[str]) -> dict[str, str]:
 
 
 def gguf_summaries(host, paths: list[str]) -> dict[str, dict[str, Any]]:
-    # The reader travels as `python3 -c` text, not on stdin: Invoke feeds stdin one byte per 10 ms.
-    r = host.run(["python3", "-c", GGUFHEAD_SRC, *paths], check=False)
+    r = host.run(remote.argv([ggufhead], "print_summaries", *paths), check=False)
     out: dict[str, dict[str, Any]] = {}
     for line in (r.stdout or "").splitlines():
         try:
@@ -216,14 +215,64 @@ def _accepts(parsed, flag: str) -> bool:
 
 def tune(host, inp: Inputs, *, force: bool = False, max_ctx: bool = False,
          echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Reuse the cached answer for the same card, binaries, model and settings, else search: estimates with
+    llama-fit-params, a few real probes, the overhead constant learned; the choice goes to tune.json."""
     t_start = time.monotonic()
-    gpu = gpu_state(host, inp.gpu_index)             # raises NoGPU: nothing read, nothing written
+    gpu = _usable_gpu(host, inp, echo)               # raises NoGPU: nothing read, nothing written
+    key, fields, mkey = _identity(host, inp, gpu)
+    doc = read_state(host, inp.state_dir)
+    hit = doc["results"].get(key)
+    if hit and not force and not reusable(hit, inp):
+        echo("tune: the stored result for these settings has no speed figures (it was tuned without the speed "
+             "check): tuning again, with the learned overhead")
+    elif hit and not force:
+        return _reuse(host, inp, doc, key, gpu, echo)
+    ms, extra = _model_facts(host, inp, echo)
+    parsed_server, parsed_fit = _help(host, inp.server), _help(host, inp.fit_params)
+    q = _question(inp, gpu, ms, extra, doc["overhead"].get(mkey), echo)
+    estimate = Estimator(host, inp, parsed_fit)
+    ps = _probe_settings(inp, ms)
+    probe = Prober(host, inp, parsed_server, ps, echo)
+    action, estimates, probes = S.search(q, estimate, probe)
+    kn = S.learn(q, estimates, probes)
+    for c in kn.corrections:
+        echo(f"tune: {c}")
+    now = _dt.datetime.now().isoformat(timespec="seconds")
+    if kn.measured:
+        doc["overhead"][mkey] = {"mib": kn.overhead_mib, "learned": now, "from": kn.source,
+                                 "card": gpu["name"], "driver": gpu["driver"]}
+    base = _result(host, inp, gpu, key, fields, now, kn, extra, int(ms.get("block_count") or 0), estimates, probes,
+                   estimate)
+    if isinstance(action, S.GiveUp):
+        base.update(n_cpu_moe=None, reason=action.reason, seconds=round(time.monotonic() - t_start, 2))
+        if kn.measured:
+            write_state(host, inp.state_dir, doc)
+        err = TuneError(action.reason, "see the probe table above; probe logs: " + inp.workdir)
+        err.result = base  # type: ignore[attr-defined]
+        raise err
+    assert isinstance(action, S.Done)
+    base.update(n_cpu_moe=action.value, verified_by=action.by, reason=action.reason)
+    echo(f"tune: chosen --n-cpu-moe {action.value}: {action.reason}")
+    if max_ctx:
+        base["max_ctx"] = largest_ctx(host, inp, q, kn, action.value, estimate, echo)
+    if inp.drafting and inp.speed_check:
+        base["speed"] = speed_check(host, inp, parsed_server, action.value, ps, echo)
+    base["seconds"] = round(time.monotonic() - t_start, 2)
+    return _store(host, inp, doc, key, base, len(probes), echo)
+
+
+def _usable_gpu(host, inp: Inputs, echo) -> dict[str, Any]:
+    gpu = gpu_state(host, inp.gpu_index)
     echo(f"tune: {gpu['name']} (driver {gpu['driver']}), {gpu['free_mib']} of {gpu['vram_mib']} MiB free")
     busy = [a for a in gpu["apps"] if "llama-server" in a]
     if busy:
         raise TuneError(f"a llama-server already holds GPU memory ({'; '.join(busy)}): probes would measure the "
                         "wrong free memory", "stop it first (e.g. systemctl stop gpubox-llama), then re-run tune")
+    return gpu
 
+
+def _identity(host, inp: Inputs, gpu: dict) -> tuple[str, dict, str]:
+    """(cache key, its fields, machine key): the files by size+mtime (and the model's sha256 when locked)."""
     files = [inp.server, inp.fit_params, inp.model] + ([inp.draft] if inp.drafting else [])
     ids = file_ids(host, files)
     missing = [p for p in files if ids[p] == "missing"]
@@ -235,33 +284,29 @@ def tune(host, inp: Inputs, *, force: bool = False, max_ctx: bool = False,
     draft_id = ids.get(inp.draft, "") if inp.drafting else ""
     fields = ST.cache_fields(gpu, model_id.strip(), draft_id, ids[inp.server], inp.serve, inp.drafting,
                              inp.margin_mib)
-    key = ST.cache_key(fields)
-    mkey = ST.machine_key(gpu, ids[inp.server])
-    doc = read_state(host, inp.state_dir)
+    return ST.cache_key(fields), fields, ST.machine_key(gpu, ids[inp.server])
 
-    hit = doc["results"].get(key)
-    if hit and not force and not reusable(hit, inp):
-        echo("tune: the stored result for these settings has no speed figures (it was tuned without the speed "
-             "check): tuning again, with the learned overhead")
-    elif hit and not force:
-        hit = dict(hit)
-        hit["reused"] = True
-        echo(f"tune: reusing the result of {hit.get('when')} (cache key {key}: same card, driver, model, "
-             f"context, cache types and margin): --n-cpu-moe {hit['n_cpu_moe']}; --force asks again")
-        if hit.get("free_mib") is not None and gpu["free_mib"] + inp.margin_mib < hit["free_mib"]:
-            echo(f"tune: warning: {gpu['free_mib']} MiB free now, {hit['free_mib']} MiB when tuned: something else "
-                 "uses the GPU; re-run with --force if the server fails to start")
-        if (doc.get("current") or {}).get("key") != key:
-            doc["current"] = doc["results"][key]
-            write_state(host, inp.state_dir, doc)
-        return hit
 
+def _reuse(host, inp: Inputs, doc: dict, key: str, gpu: dict, echo) -> dict[str, Any]:
+    hit = dict(doc["results"][key], reused=True)
+    echo(f"tune: reusing the result of {hit.get('when')} (cache key {key}: same card, driver, model, "
+         f"context, cache types and margin): --n-cpu-moe {hit['n_cpu_moe']}; --force asks again")
+    if hit.get("free_mib") is not None and gpu["free_mib"] + inp.margin_mib < hit["free_mib"]:
+        echo(f"tune: warning: {gpu['free_mib']} MiB free now, {hit['free_mib']} MiB when tuned: something else "
+             "uses the GPU; re-run with --force if the server fails to start")
+    if (doc.get("current") or {}).get("key") != key:
+        doc["current"] = doc["results"][key]
+        write_state(host, inp.state_dir, doc)
+    return hit
+
+
+def _model_facts(host, inp: Inputs, echo) -> tuple[dict, dict]:
+    """The main model's header summary, and what the assistant adds that llama-fit-params does not see."""
     summaries = gguf_summaries(host, [inp.model] + ([inp.draft] if inp.drafting else []))
     ms = summaries[inp.model]
     if not ms.get("expert_count"):
         raise TuneError(f"{inp.model} ({ms.get('arch')}) has no experts: --n-cpu-moe changes nothing for it",
                         "tune is for mixture-of-experts models; set serve.n_cpu_moe: 0")
-    n_layers = int(ms.get("block_count") or 0)
     serve = inp.serve
     extra = {"weights_mib": 0, "kv_mib": 0, "total_mib": 0}
     if inp.drafting:
@@ -271,10 +316,12 @@ def tune(host, inp: Inputs, *, force: bool = False, max_ctx: bool = False,
             n_cpu_moe=int(serve.get("n_cpu_moe_draft", 0)), overrides=serve.get("override_tensor_draft") or [])
         echo(f"tune: assistant {Path(inp.draft).name}: {extra['weights_mib']} MiB weights + {extra['kv_mib']} MiB KV "
              f"at {serve['ctx_size']} tokens (not seen by llama-fit-params)")
+    return ms, extra
 
-    parsed_server = _help(host, inp.server)
-    parsed_fit = _help(host, inp.fit_params)
-    stored = doc["overhead"].get(mkey)
+
+def _question(inp: Inputs, gpu: dict, ms: dict, extra: dict, stored: dict | None, echo) -> S.Question:
+    serve = inp.serve
+    n_layers = int(ms.get("block_count") or 0)
     q = S.Question(free_mib=gpu["free_mib"], n_max=n_layers, margin_mib=inp.margin_mib, extra_mib=extra["total_mib"],
                    overhead_mib=(stored or {}).get("mib"), prior_overhead_mib=inp.prior_overhead_mib,
                    max_probes=inp.max_probes)
@@ -282,15 +329,23 @@ def tune(host, inp: Inputs, *, force: bool = False, max_ctx: bool = False,
          f"{serve['ctx_size']}, KV {serve['cache_type_k']}/{serve['cache_type_v']}, margin {inp.margin_mib} MiB; "
          f"overhead constant " + (f"{q.overhead_mib} MiB (stored, {stored.get('from')})" if stored
                                   else f"not learned on this machine yet (prior {q.prior_overhead_mib} MiB)"))
+    return q
 
-    fit_calls: list[float] = []
 
-    def estimate(k: int, ctx: Optional[int] = None) -> int:
-        argv = fitparams.argv(inp.fit_params, model=inp.model, n_cpu_moe=k, ctx=ctx or int(serve["ctx_size"]),
-                              serve=serve, accepted=(lambda f: _accepts(parsed_fit, f)))
+class Estimator:
+    """estimate(k, ctx): llama-fit-params' device total in MiB at --n-cpu-moe k; the call times are kept."""
+
+    def __init__(self, host, inp: Inputs, parsed_fit: dict):
+        self.host, self.inp, self.parsed_fit = host, inp, parsed_fit
+        self.calls: list[float] = []
+
+    def __call__(self, k: int, ctx: Optional[int] = None) -> int:
+        inp = self.inp
+        argv = fitparams.argv(inp.fit_params, model=inp.model, n_cpu_moe=k, ctx=ctx or int(inp.serve["ctx_size"]),
+                              serve=inp.serve, accepted=(lambda f: _accepts(self.parsed_fit, f)))
         t0 = time.monotonic()
-        r = host.run(argv, check=False, timeout=300)
-        fit_calls.append(time.monotonic() - t0)
+        r = self.host.run(argv, check=False, timeout=300)
+        self.calls.append(time.monotonic() - t0)
         if r.exited != 0:
             raise TuneError(f"llama-fit-params failed at --n-cpu-moe {k} (exit {r.exited})",
                             "check that the build has llama-fit-params and that the model loads",
@@ -301,63 +356,50 @@ def tune(host, inp: Inputs, *, force: bool = False, max_ctx: bool = False,
             raise TuneError(str(e), "build with CUDA (build.cuda: true) and run tune where the GPU is visible",
                             (r.stderr or "")[-2000:])
 
-    vocab = int(ms.get("n_vocab") or 32000)
-    ps = P.ProbeSettings(workdir=inp.workdir, port=inp.probe_port, ready_timeout=inp.ready_timeout,
-                         request_timeout=inp.request_timeout,
-                         prompt_tokens=P.prompt_tokens_for(int(serve["ctx_size"]), inp.gen_tokens, inp.prompt_tokens),
-                         gen_tokens=inp.gen_tokens, vocab=vocab, gpu=inp.gpu_index)
 
-    def probe(k: int, predicted: int) -> S.ProbeResult:
-        argv = server_argv(inp, parsed_server, k, drafting=inp.drafting)
-        r, raw = P.run_probe(host, k, argv, ps)
+def _probe_settings(inp: Inputs, ms: dict) -> P.ProbeSettings:
+    serve = inp.serve
+    return P.ProbeSettings(workdir=inp.workdir, port=inp.probe_port, ready_timeout=inp.ready_timeout,
+                           request_timeout=inp.request_timeout,
+                           prompt_tokens=P.prompt_tokens_for(int(serve["ctx_size"]), inp.gen_tokens, inp.prompt_tokens),
+                           gen_tokens=inp.gen_tokens, vocab=int(ms.get("n_vocab") or 32000), gpu=inp.gpu_index)
+
+
+class Prober:
+    """probe(k, predicted): one real llama-server run at --n-cpu-moe k (a prompt batch and a few tokens)."""
+
+    def __init__(self, host, inp: Inputs, parsed_server: dict, ps: P.ProbeSettings, echo):
+        self.host, self.inp, self.parsed_server, self.ps, self.echo = host, inp, parsed_server, ps, echo
+
+    def __call__(self, k: int, predicted: int) -> S.ProbeResult:
+        argv = server_argv(self.inp, self.parsed_server, k, drafting=self.inp.drafting)
+        r, raw = P.run_probe(self.host, k, argv, self.ps)
         r.predicted_mib = predicted
-        echo(f"tune: probe --n-cpu-moe {k}: predicted {predicted} MiB, measured "
-             f"{r.peak_mib if r.peak_mib is not None else '?'} MiB, {r.outcome}"
-             + (f", {r.gen_tps} gen t/s" if r.gen_tps else "") + f", {r.seconds:.1f} s"
-             + (f" ({r.detail})" if r.detail else ""))
+        self.echo(f"tune: probe --n-cpu-moe {k}: predicted {predicted} MiB, measured "
+                  f"{r.peak_mib if r.peak_mib is not None else '?'} MiB, {r.outcome}"
+                  + (f", {r.gen_tps} gen t/s" if r.gen_tps else "") + f", {r.seconds:.1f} s"
+                  + (f" ({r.detail})" if r.detail else ""))
         return r
 
-    action, estimates, probes = S.search(q, estimate, probe)
-    kn = S.learn(q, estimates, probes)
-    for c in kn.corrections:
-        echo(f"tune: {c}")
-    now = _dt.datetime.now().isoformat(timespec="seconds")
-    if kn.measured:
-        doc["overhead"][mkey] = {"mib": kn.overhead_mib, "learned": now, "from": kn.source,
-                                 "card": gpu["name"], "driver": gpu["driver"]}
-    rows = [asdict(p) for p in probes]
-    base = {"key": key, "key_fields": fields, "when": now, "host": host.name, "card": gpu["name"],
+
+def _result(host, inp: Inputs, gpu: dict, key: str, fields: dict, now: str, kn: S.Knowledge, extra: dict,
+            n_layers: int, estimates: dict, probes: list, estimate: Estimator) -> dict[str, Any]:
+    return {"key": key, "key_fields": fields, "when": now, "host": host.name, "card": gpu["name"],
             "driver": gpu["driver"], "free_mib": gpu["free_mib"], "margin_mib": inp.margin_mib,
             "overhead_mib": kn.overhead_mib, "overhead_source": kn.source, "corrections": kn.corrections,
             "assistant": extra, "n_layers": n_layers, "estimates": {str(k): v for k, v in sorted(estimates.items())},
-            "probes": rows, "n_probes": len(probes), "fit_params_calls": len(fit_calls),
-            "fit_params_seconds": round(sum(fit_calls), 2),
-            "valid_for": json.loads(json.dumps(ST.valid_for(serve, inp.drafting), default=str))}
+            "probes": [asdict(p) for p in probes], "n_probes": len(probes), "fit_params_calls": len(estimate.calls),
+            "fit_params_seconds": round(sum(estimate.calls), 2),
+            "valid_for": json.loads(json.dumps(ST.valid_for(inp.serve, inp.drafting), default=str))}
 
-    if isinstance(action, S.GiveUp):
-        base.update(n_cpu_moe=None, reason=action.reason, seconds=round(time.monotonic() - t_start, 2))
-        if kn.measured:
-            write_state(host, inp.state_dir, doc)
-        err = TuneError(action.reason, "see the probe table above; probe logs: " + inp.workdir)
-        err.result = base  # type: ignore[attr-defined]
-        raise err
 
-    assert isinstance(action, S.Done)
-    base.update(n_cpu_moe=action.value, verified_by=action.by, reason=action.reason)
-    echo(f"tune: chosen --n-cpu-moe {action.value}: {action.reason}")
-
-    if max_ctx:
-        base["max_ctx"] = largest_ctx(host, inp, q, kn, action.value, estimate, echo)
-    if inp.drafting and inp.speed_check:
-        base["speed"] = speed_check(host, inp, parsed_server, action.value, ps, echo)
-
-    base["seconds"] = round(time.monotonic() - t_start, 2)
+def _store(host, inp: Inputs, doc: dict, key: str, base: dict, n_probes: int, echo) -> dict[str, Any]:
     result = dict(base)
     doc["results"][key] = result
     doc["current"] = result
     path = write_state(host, inp.state_dir, doc)
-    echo(f"tune: wrote {path} (n_cpu_moe {action.value}; the serve step reads it) in {base['seconds']:.1f} s, "
-         f"{len(probes)} real probe(s), {base['fit_params_calls']} fit-params call(s) for the search")
+    echo(f"tune: wrote {path} (n_cpu_moe {result['n_cpu_moe']}; the serve step reads it) in {result['seconds']:.1f} s, "
+         f"{n_probes} real probe(s), {result['fit_params_calls']} fit-params call(s) for the search")
     return result
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from provision import fetch
+from provision import fetch, remote
+from provision.steps import models as models_step
 from testbed import hfserver
 from testbed.testmodels import write_tiny
 
@@ -210,7 +211,8 @@ def test_bootstrap_runs_the_packed_source_with_the_token_on_stdin(models, tmp_pa
     srv = serve(root, token="hf_T0k3n")
     try:
         sp = dict(spec(srv, tmp_path / "m"), token_stdin=True)
-        p = subprocess.run([sys.executable, "-c", fetch.BOOT, fetch.packed_source(), json.dumps(sp)],
+        argv = remote.argv(models_step.ON_TARGET, "boot", json.dumps(sp))
+        p = subprocess.run([sys.executable, *argv[1:]],
                            input="hf_T0k3n\n", capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stdout + p.stderr
         assert "@@progress " in p.stdout and "@@result " in p.stdout and "hf_T0k3n" not in p.stdout + p.stderr
@@ -219,35 +221,15 @@ def test_bootstrap_runs_the_packed_source_with_the_token_on_stdin(models, tmp_pa
         srv.shutdown()
 
 
-def test_header_readers_agree(models, tmp_path):
-    _, data = models
-    p = tmp_path / "a.gguf"
-    p.write_bytes(data)
-    hdr = fetch.read_header_pure(str(p))
-    assert hdr["kv"]["general.architecture"] == "gemma4-assistant" and hdr["version"] == 3
-    assert fetch.read_arch(str(p)) == ("gemma4-assistant", "gguf")
-    q = write_tiny(tmp_path / "q.gguf", arch="qwen3moe")
-    assert fetch.read_header_pure(str(q), stop_at="general.architecture")["kv"]["general.architecture"] == "qwen3moe"
-    bad = tmp_path / "bad.gguf"
-    bad.write_bytes(b"NOPE" + data[4:100])
-    with pytest.raises(ValueError):
-        fetch.read_header_pure(str(bad))
-    trunc = tmp_path / "t.gguf"
-    trunc.write_bytes(data[:30])
-    with pytest.raises(ValueError):
-        fetch.read_header_pure(str(trunc))
-
-
 def test_progress_lines_and_bar():
     out = io.StringIO()
-    p = fetch.Progress("lines", "f.gguf", 1000, 0, 0.0, out=out)
+    p = fetch.Progress("f.gguf", total=1000, style="lines", every_s=0.0, out=out)
     p.update(500)
     p.update(1000, final=True)
     text = out.getvalue()
     assert "f.gguf:  50.0%" in text and "100.0%" in text and "/s, ETA" in text
     out = io.StringIO()
-    b = fetch.Progress("bar", "f.gguf", 1000, 0, 0.0, out=out)
-    b.interval = 0
+    b = fetch.Progress("f.gguf", total=1000, style="bar", every_s=0.0, out=out)
     b.update(250)
     assert out.getvalue().startswith("\r") and "[######" in out.getvalue() and "ETA" in out.getvalue()
 
@@ -375,5 +357,52 @@ def test_a_resume_whose_bytes_changed_starts_over(tmp_path, known_sha):
         assert r["commit"] == "c" * 40 and "starting over" in out
         assert (dest / NAME).read_bytes() == bytes(new) and leftovers(dest) == []
         assert gets(srv)[-1]["range"] is None
+    finally:
+        srv.shutdown()
+
+
+class _Flaky(__import__("http.server").server.BaseHTTPRequestHandler):
+    """Serves DATA; the first GET dies after CUT bytes (a dropped connection); IGNORE_RANGE answers 200 to all."""
+    DATA, CUT, IGNORE_RANGE, seen = b"", 0, False, []
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        cls = type(self)
+        rng = self.headers.get("Range")
+        cls.seen.append(rng)
+        start = int(rng[len("bytes="):].rstrip("-")) if rng and not cls.IGNORE_RANGE else 0
+        body = cls.DATA[start:]
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body)))
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(cls.DATA) - 1}/{len(cls.DATA)}")
+        self.end_headers()
+        if len(cls.seen) == 1 and cls.CUT:
+            self.wfile.write(body[:cls.CUT])
+            self.wfile.flush()
+            self.connection.shutdown(2)   # the peer goes away mid-body
+            return
+        self.wfile.write(body)
+
+
+# The cut is past the first CHUNK_SIZE write: the bytes of an unfinished chunk are lost with the connection.
+@pytest.mark.parametrize("cut, ignore_range", [(1_500_000, False), (1_500_000, True)])
+def test_get_reopens_a_dropped_connection_and_survives_a_server_that_ignores_range(tmp_path, cut, ignore_range):
+    import http.server
+    import threading
+    data = os.urandom(3_000_000)
+    handler = type("H", (_Flaky,), {"DATA": data, "CUT": cut, "IGNORE_RANGE": ignore_range, "seen": []})
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        f = fetch.Fetcher({"dir": str(tmp_path), "files": [], "endpoint": "http://127.0.0.1:9"}, out=io.StringIO())
+        out = io.BytesIO()
+        hasher = fetch.Sha256Worker()
+        w = fetch.HashingWriter(out, hasher, 0, None)
+        f._get(f"http://127.0.0.1:{srv.server_port}/blob", w, {}, len(data))
+        assert out.getvalue() == data and hasher.hexdigest() == hashlib.sha256(data).hexdigest()
+        assert handler.seen == [None, f"bytes={fetch.CHUNK_SIZE}-"]
     finally:
         srv.shutdown()

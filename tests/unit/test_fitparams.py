@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from provision.tune import fitparams as F, ggufhead
+from provision import ggufhead
+from provision.tune import fitparams as F
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tune"
 REPO = Path(__file__).resolve().parents[2]

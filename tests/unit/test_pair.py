@@ -1,5 +1,5 @@
 """pair: the rules a Gemma 4 target and its MTP head must meet to be served together, on REAL GGUF files written
-by testbed.gemma4 (the mini twin, and its mismatch variants), read by provision/tune/ggufhead.py exactly as the
+by testbed.gemma4 (the mini twin, and its mismatch variants), read by provision/ggufhead.py exactly as the
 serve step reads them on the target. The header reader is checked against the `gguf` package's own reader."""
 
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from provision.serve import pair
-from provision.tune import ggufhead
+from provision import ggufhead
 from testbed import gemma4
 
 

@@ -11,7 +11,7 @@ import pytest
 from provision import config
 from provision.engine import StepError
 from provision.serve import render, service, step
-from provision.tune import ggufhead
+from provision import ggufhead, remote
 
 HELP = Path(__file__).resolve().parent.parent / "data" / "help"
 _PAIR: dict = {}
@@ -194,8 +194,9 @@ def test_no_pair_check_without_the_mtp_head(cfg):
 def test_gguf_fact_reads_both_files_quoted(cfg):
     cmd = step._gguf_fact(cfg)
     argv = shlex.split(cmd.split("|| exit 0; ", 1)[1])
-    assert argv[0] == "python3" and argv[1] == "-c" and "def summary" in argv[2]
-    assert argv[3:] == ["$GPUBOX_HOME/Models/gemma-4-26B-A4B-it-Q4_K_M.gguf",
+    # provision/remote.py's form: python3 -c BOOT <ggufhead, packed> print_summaries FILE FILE
+    assert argv[:5] == remote.argv([ggufhead], "print_summaries")
+    assert argv[5:] == ["$GPUBOX_HOME/Models/gemma-4-26B-A4B-it-Q4_K_M.gguf",
                         "$GPUBOX_HOME/Models/gemma-4-26B-A4B-it-assistant.Q4_K_M.gguf"]
     cfg["serve"]["spec_type"] = "none"
     assert step._gguf_fact(cfg) == "true"

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from provision.tune import ggufhead, probe as P, search as S, state as ST
+from provision import ggufhead
+from provision.tune import probe as P, search as S, state as ST
 from provision.tune.report import table
 
 REPO = Path(__file__).resolve().parents[2]

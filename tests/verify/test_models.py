@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from provision import config, fetch, lockfile
+from provision import config, fetch, ggufhead, lockfile
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,7 @@ def test_header_readable_and_architecture(host, gcfg, lock, mdir, key, tmp_path)
     head = base64.b64decode(host.check_output("head -c 1048576 %s | base64 -w0", path))
     local = tmp_path / "head.gguf"
     local.write_bytes(head)
-    hdr = fetch.read_header_pure(str(local), stop_at="general.architecture")
-    arch = hdr["kv"].get("general.architecture")
+    arch = ggufhead.architecture(str(local))
     assert arch == lock["models"][key]["arch"]
     if key == (gcfg["serve"].get("draft_model") or ""):
         want = config.fork_pin(gcfg)["assistant_arch"]

@@ -1,12 +1,17 @@
-"""Read a GGUF file's header (metadata and tensor table) without loading any weights. Standard library only.
+"""gpubox's one GGUF header reader (metadata and tensor table, no weights), standard library only.
 
-The tuner runs this ON THE TARGET (`python3 - FILE < ggufhead.py` through Host.run) and reads the JSON
-summary it prints, so no multi-megabyte header crosses SSH and the target needs no `gguf` package.
-It gives what llama-fit-params cannot: the MTP assistant's weights and KV-cache shape, and, for the main
-model, the layer count (the largest useful --n-cpu-moe) and the vocabulary size (probe prompts use valid
-token ids). The serve step runs it the same way before a launch with the MTP head: the keys the pair rules
-need (provision/serve/pair.py: sliding-window pattern, KV geometry, embedding_length_out /
-n_embd_backbone, nextn_predict_layers) are in the summary too.
+It runs ON THE TARGET, where the files are (provision/remote.py sends it): the models step reads
+`general.architecture` of each downloaded file with it (`architecture`, which stops after that key), and
+the tuner and the serve step print one JSON summary per file (`print_summaries`), so no multi-megabyte
+header crosses SSH. The summary gives what llama-fit-params cannot: the MTP assistant's weights and
+KV-cache shape, and, for the main model, the layer count (the largest useful --n-cpu-moe) and the
+vocabulary size; and the keys the serve step's pair rules need (provision/serve/pair.py: sliding-window
+pattern, KV geometry, embedding_length_out / n_embd_backbone, nextn_predict_layers).
+
+Why not the `gguf` package here: gguf's GGUFReader imports numpy (gguf 0.19 requires numpy, pyyaml,
+requests and tqdm), and neither the Fedora box's python3 nor the sandbox's carries numpy by default; the
+target needs nothing beyond python3 and huggingface_hub. On the controller gguf is a dependency: it
+writes the test models and, in tests/unit/test_ggufhead.py, checks this reader field by field.
 
 Tensor sizes come from the offsets in the tensor table (the next tensor's offset, or the end of the file,
 minus this one's), so no table of quantization block sizes is needed.
@@ -71,9 +76,9 @@ def _value(f: BinaryIO, vtype: int) -> Any:
     raise GGUFError(f"unknown GGUF value type {vtype}")
 
 
-def read_header(path: str) -> dict[str, Any]:
+def read_header(path: str, stop_at: str | None = None) -> dict[str, Any]:
     """{'version', 'metadata': {key: value}, 'tensors': [{'name', 'shape', 'type', 'offset', 'bytes'}],
-    'data_start', 'file_size'}."""
+    'data_start', 'file_size'}. With `stop_at`, reading ends after that key (no tensor table)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         if _read(f, 4) != b"GGUF":
@@ -86,6 +91,8 @@ def read_header(path: str) -> dict[str, Any]:
         for _ in range(n_kv):
             key = _str(f)
             meta[key] = _value(f, _u32(f))
+            if key == stop_at:
+                return {"version": version, "metadata": meta, "tensors": [], "data_start": None, "file_size": size}
         tensors = []
         for _ in range(n_tensors):
             name = _str(f)
@@ -232,10 +239,23 @@ def assistant_mib(s: dict[str, Any], *, ctx: int, type_k: str, type_v: str, n_gp
     return {"weights_mib": w, "kv_mib": kv, "total_mib": w + kv}
 
 
-if __name__ == "__main__":
-    # python3 - FILE [FILE...] < ggufhead.py : one JSON summary per line (an error object for a bad file)
-    for p in sys.argv[1:]:
+def architecture(path: str) -> str:
+    """general.architecture, reading only the metadata up to that key (the first one gguf writers write)."""
+    arch = read_header(path, stop_at="general.architecture")["metadata"].get("general.architecture")
+    if not isinstance(arch, str):
+        raise GGUFError(f"{path}: general.architecture not found in the GGUF header")
+    return arch
+
+
+def print_summaries(*paths: str) -> int:
+    """One JSON summary per line (an error object for a file that cannot be read): the tuner's remote entry."""
+    for p in paths:
         try:
             print(json.dumps(summary(p)))
         except (OSError, GGUFError) as e:
             print(json.dumps({"path": p, "error": f"{type(e).__name__}: {e}"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(print_summaries(*sys.argv[1:]))
