@@ -729,21 +729,6 @@ def _ensure_dir(host, p: dict, path: str) -> None:
     host.run(["install", "-d", "-o", p["owner"], path], root=True)
 
 
-WRITE_CHUNK = 24_000   # characters per command argument (Linux allows 128 KiB per argument, quoting adds)
-
-
-def _write(host, p: dict, path: str, content: str) -> None:
-    """Write a file atomically (temp file + rename) with the content in command arguments, not stdin.
-
-    Not Host.write_file: Invoke feeds a StringIO stdin one byte per 10 ms poll, so the 55 kB help text
-    and the 76 kB dialect took minutes each. Here: one `printf` per 24 kB chunk, then a rename."""
-    tmp = f"{path}.gpubox-tmp"
-    chunks = [content[i:i + WRITE_CHUNK] for i in range(0, len(content), WRITE_CHUNK)] or [""]
-    for i, chunk in enumerate(chunks):
-        host.run(_argv(p, ["sh", "-c", 'printf "%s" "$1" ' + (">" if i == 0 else ">>") + ' "$2"', "sh", chunk, tmp]))
-    host.run(_argv(p, ["mv", "-f", tmp, path]))
-
-
 def in_build_env(p: dict, argv: list[str]) -> list[str]:
     """argv with umask 022 and SOURCE_DATE_EPOCH = the pinned commit's committer time, read from the checkout
     when the command runs (unset if git cannot say), so the plan can name the command before the clone."""
@@ -858,7 +843,8 @@ class Configure(Op):
         m = ARCH_LINE_RE.search((res.stdout or "") + "\n" + (res.stderr or ""))
         rec = {"fingerprint": p["fingerprint"], "arch_line": m.group(0) if m else "",
                "configured_at": _dt.datetime.now().isoformat(timespec="seconds")}
-        _write(host, p, f"{p['build']}/{CONFIGURE_FILE}", json.dumps(rec, sort_keys=True) + "\n")
+        host.write_file(f"{p['build']}/{CONFIGURE_FILE}", json.dumps(rec, sort_keys=True) + "\n",
+                        as_user=p["as_user"] or None)
         if rec["arch_line"]:
             state.get("echo", print)(f"[{NAME}] {rec['arch_line']}")
         state["conf"] = rec
@@ -992,12 +978,13 @@ def record(host, p: dict, timing: dict, conf: dict) -> list[str]:
         if p["dialect"] and parsed.get("dialect") != p["dialect"]:
             notes.append(f"{SERVER} speaks the {parsed.get('dialect')} dialect, profile {p['profile']!r} expects "
                          f"{p['dialect']}: the serve step renders flags for what the binary accepts")
-        _write(host, p, f"{bld}/{HELP_FILE}", help_text)
-        _write(host, p, f"{bld}/{DIALECT_FILE}", helptext.to_json(parsed, binary=server, sha=p["sha"],
-                                                                  version=stamp["server_version"]) + "\n")
+        host.write_file(f"{bld}/{HELP_FILE}", help_text, as_user=p["as_user"] or None)
+        host.write_file(f"{bld}/{DIALECT_FILE}", helptext.to_json(parsed, binary=server, sha=p["sha"],
+                                                                  version=stamp["server_version"]) + "\n",
+                        as_user=p["as_user"] or None)
     stamp["dialect_file"] = f"{bld}/{DIALECT_FILE}"
     stamp.update(hash_bin(host, p))
-    _write(host, p, f"{bld}/{STAMP_FILE}", json.dumps(stamp, sort_keys=True) + "\n")
+    host.write_file(f"{bld}/{STAMP_FILE}", json.dumps(stamp, sort_keys=True) + "\n", as_user=p["as_user"] or None)
     record_lock(host, p, stamp)
     return notes
 
