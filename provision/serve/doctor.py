@@ -110,156 +110,198 @@ def embedding_on_host(draft, *, dialect: str, head: dict[str, Any] | None = None
     return host, "a draft model's weights on the host"
 
 
+@dataclass
+class _Case:
+    """What the rules read besides the log: the serve settings, the built dialect, host facts, the head's header."""
+    serve: dict[str, Any]
+    dialect: str
+    facts: dict[str, Any]
+    expect_gpu: bool | None
+    head: dict[str, Any] | None
+    gpu: bool
+
+
 def diagnose(log: Log, *, serve: dict[str, Any] | None = None, dialect: str = "unknown",
              facts: dict[str, Any] | None = None, expect_gpu: bool | None = None,
              head: dict[str, Any] | None = None) -> list[Finding]:
-    serve = serve or {}
-    facts = facts or {}
-    out: list[Finding] = []
-    gpu = _gpu_seen(log)
+    """Every rule's findings, in RULES order."""
+    case = _Case(serve or {}, dialect, facts or {}, expect_gpu, head, _gpu_seen(log))
+    return [f for rule in RULES for f in rule(log, case)]
 
-    # --- GPU not visible ----------------------------------------------------------------------------------
-    gpus_fact = facts.get("gpus")
-    if log.cuda_init_error or (log.cuda_devices_found == 0) or (expect_gpu and not gpu):
-        ev = [f"ggml_cuda_init: failed to initialize CUDA: {log.cuda_init_error}"] if log.cuda_init_error else []
-        seen = ("nvidia-smi sees: " + ", ".join(g.get("name", "?") for g in gpus_fact)) if isinstance(gpus_fact, list) and gpus_fact \
-            else "nvidia-smi sees no GPU" if isinstance(gpus_fact, list) else "nvidia-smi state unknown"
-        out.append(Finding(
-            "error", "gpu-not-visible", "llama-server found no usable CUDA GPU: every layer runs on the CPU",
-            f"{seen}. A CUDA build without a visible GPU usually means the NVIDIA kernel module is not loaded: "
-            "a reboot is pending after the driver swap, akmods has not finished building the module for the running "
-            "kernel, or Secure Boot refused the unsigned module.",
-            "run `invoke driver --plan` (step 1 reports reboot/akmods/Secure Boot state) and `nvidia-smi`; reboot "
-            "if step 1 says so, then `invoke serve`", ev))
 
-    # --- out of memory ------------------------------------------------------------------------------------
+def _gpu_not_visible(log: Log, c: _Case) -> list[Finding]:
+    gpus_fact = c.facts.get("gpus")
+    if not (log.cuda_init_error or (log.cuda_devices_found == 0) or (c.expect_gpu and not c.gpu)):
+        return []
+    ev = [f"ggml_cuda_init: failed to initialize CUDA: {log.cuda_init_error}"] if log.cuda_init_error else []
+    seen = ("nvidia-smi sees: " + ", ".join(g.get("name", "?") for g in gpus_fact)) if isinstance(gpus_fact, list) and gpus_fact \
+        else "nvidia-smi sees no GPU" if isinstance(gpus_fact, list) else "nvidia-smi state unknown"
+    return [Finding(
+        "error", "gpu-not-visible", "llama-server found no usable CUDA GPU: every layer runs on the CPU",
+        f"{seen}. A CUDA build without a visible GPU usually means the NVIDIA kernel module is not loaded: "
+        "a reboot is pending after the driver swap, akmods has not finished building the module for the running "
+        "kernel, or Secure Boot refused the unsigned module.",
+        "run `invoke driver --plan` (step 1 reports reboot/akmods/Secure Boot state) and `nvidia-smi`; reboot "
+        "if step 1 says so, then `invoke serve`", ev)]
+
+
+def _out_of_memory(log: Log, c: _Case) -> list[Finding]:
+    if not log.oom:
+        return []
+    serve = c.serve
+    kv = any("kv cache" in l.lower() for l in log.oom)
+    runtime = any("CUDA error: out of memory" in l for l in log.oom) and not any(
+        "cudaMalloc failed" in l or "alloc_tensor_range" in l or "unable to allocate" in l for l in log.oom)
+    moe_fix = _moe_fix(log, serve)
+    ctx = int(serve.get("ctx_size") or 0)
+    ctx_fix = f"or lower serve.ctx_size from {ctx} to {ctx // 2}" if ctx else "or lower serve.ctx_size"
+    if runtime:
+        return [Finding("error", "oom-runtime", "CUDA ran out of memory while generating (compute buffers)",
+                        "the model loaded but a batch needed more VRAM than was left; the server aborts (exit 134)",
+                        f"{moe_fix}, {ctx_fix}", log.oom)]
+    if kv:
+        return [Finding("error", "oom-kv", "the KV cache did not fit in VRAM",
+                        f"context {ctx} with cache types {serve.get('cache_type_k')}/{serve.get('cache_type_v')}",
+                        f"lower serve.ctx_size from {ctx} to {ctx // 2} (KV memory scales with context), "
+                        f"or a smaller cache type, or {moe_fix}", log.oom)]
+    return [Finding("error", "oom-at-load", "out of GPU memory while loading the model",
+                    "the weights kept on the GPU do not fit next to the context",
+                    f"{moe_fix}, {ctx_fix}", log.oom + [l for l in log.load_errors if l not in log.oom][:3])]
+
+
+def _moe_fix(log: Log, serve: dict[str, Any]) -> str:
+    """How far to raise serve.n_cpu_moe: from the failed allocation and the experts' MiB per CPU layer."""
     target = log.target
-    if log.oom:
-        kv = any("kv cache" in l.lower() for l in log.oom)
-        runtime = any("CUDA error: out of memory" in l for l in log.oom) and not any(
-            "cudaMalloc failed" in l or "alloc_tensor_range" in l or "unable to allocate" in l for l in log.oom)
-        failed_mib = None
-        for l in log.oom:
-            m = re.search(r"buffer of size (\d+)", l)
-            if m:
-                failed_mib = int(m.group(1)) / 1048576
-        ncm = int(serve.get("n_cpu_moe") or 0)
-        ctx = int(serve.get("ctx_size") or 0)
-        per_layer = None
-        if target and ncm > 0:
-            cpu = sum(v for k, v in target.model_buffers.items() if k.startswith("CPU"))
-            if cpu:
-                per_layer = cpu / ncm
-        n_layers = (target.offloaded[1] - 1) if target and target.offloaded else None
-        if per_layer and failed_mib:
-            more = max(1, math.ceil(failed_mib / per_layer))
-            if n_layers and ncm + more > n_layers:
-                moe_fix = (f"even all {n_layers} layers' experts on the CPU (serve.n_cpu_moe={n_layers}) free only about "
-                           f"{(n_layers - ncm) * per_layer:.0f} of the {failed_mib:.0f} MiB missing: set it and")
-            else:
-                moe_fix = (f"raise serve.n_cpu_moe from {ncm} to {ncm + more} (about {per_layer:.0f} MiB of experts per "
-                           f"layer leave the GPU; {failed_mib:.0f} MiB were missing)")
-        else:
-            moe_fix = (f"raise serve.n_cpu_moe from {ncm} to {ncm + 2} or more"
-                       + (f" ({failed_mib:.0f} MiB were missing)" if failed_mib else "")
-                       + " (`invoke tune` finds the floor)")
-        ctx_fix = f"or lower serve.ctx_size from {ctx} to {ctx // 2}" if ctx else "or lower serve.ctx_size"
-        if runtime:
-            out.append(Finding("error", "oom-runtime", "CUDA ran out of memory while generating (compute buffers)",
-                               "the model loaded but a batch needed more VRAM than was left; the server aborts (exit 134)",
-                               f"{moe_fix}, {ctx_fix}", log.oom))
-        elif kv:
-            out.append(Finding("error", "oom-kv", "the KV cache did not fit in VRAM",
-                               f"context {ctx} with cache types {serve.get('cache_type_k')}/{serve.get('cache_type_v')}",
-                               f"lower serve.ctx_size from {ctx} to {ctx // 2} (KV memory scales with context), "
-                               f"or a smaller cache type, or {moe_fix}", log.oom))
-        else:
-            out.append(Finding("error", "oom-at-load", "out of GPU memory while loading the model",
-                               "the weights kept on the GPU do not fit next to the context",
-                               f"{moe_fix}, {ctx_fix}", log.oom + [l for l in log.load_errors if l not in log.oom][:3]))
+    failed_mib = None
+    for l in log.oom:
+        m = re.search(r"buffer of size (\d+)", l)
+        if m:
+            failed_mib = int(m.group(1)) / 1048576
+    ncm = int(serve.get("n_cpu_moe") or 0)
+    per_layer = None
+    if target and ncm > 0:
+        cpu = sum(v for k, v in target.model_buffers.items() if k.startswith("CPU"))
+        if cpu:
+            per_layer = cpu / ncm
+    n_layers = (target.offloaded[1] - 1) if target and target.offloaded else None
+    if not (per_layer and failed_mib):
+        return (f"raise serve.n_cpu_moe from {ncm} to {ncm + 2} or more"
+                + (f" ({failed_mib:.0f} MiB were missing)" if failed_mib else "") + " (`invoke tune` finds the floor)")
+    more = max(1, math.ceil(failed_mib / per_layer))
+    if n_layers and ncm + more > n_layers:
+        return (f"even all {n_layers} layers' experts on the CPU (serve.n_cpu_moe={n_layers}) free only about "
+                f"{(n_layers - ncm) * per_layer:.0f} of the {failed_mib:.0f} MiB missing: set it and")
+    return (f"raise serve.n_cpu_moe from {ncm} to {ncm + more} (about {per_layer:.0f} MiB of experts per "
+            f"layer leave the GPU; {failed_mib:.0f} MiB were missing)")
 
-    # --- assistant embedding on the CPU -------------------------------------------------------------------
+
+def _draft_embedding(log: Log, c: _Case) -> list[Finding]:
     draft = log.draft
-    if draft and gpu:
-        cpu_bufs, why = embedding_on_host(draft, dialect=dialect, head=head)
-        if cpu_bufs:
-            where = ", ".join(f"{k} {v:.2f} MiB" for k, v in cpu_bufs.items())
-            ev = [f"load_tensors: {k} model buffer size = {v:.2f} MiB" for k, v in cpu_bufs.items()]
-            ev += [f"tensor {o['tensor']} buffer type overridden to {o['buffer']}" for o in draft.overrides]
-            if dialect == "pre-sync":
-                fix = (f'add --override-tensor-draft "{OVERRIDE}": set serve.override_tensor_draft to '
-                       f"['{OVERRIDE}'] (the recipe's default) and run `invoke serve`")
-            else:
-                fix = (f"check serve.n_gpu_layers_draft (-ngld) and serve.override_tensor_draft: on the post-sync fork "
-                       f"the assistant's separate output tensor follows -ngld; an override sending token_embd to the "
-                       f"CPU must go. On the pre-sync fork the remedy is --override-tensor-draft \"{OVERRIDE}\"")
-            out.append(Finding(
-                "warning", "draft-embedding-on-cpu",
-                f"the assistant ({draft.path}) has a host (CPU-side) model buffer ({where}): its token embedding / LM head is not on the GPU",
-                "every draft step then streams the embedding/LM head over PCIe, which eats the MTP speed-up; " + why,
-                fix, ev))
+    if not (draft and c.gpu):
+        return []
+    cpu_bufs, why = embedding_on_host(draft, dialect=c.dialect, head=c.head)
+    if not cpu_bufs:
+        return []
+    where = ", ".join(f"{k} {v:.2f} MiB" for k, v in cpu_bufs.items())
+    ev = [f"load_tensors: {k} model buffer size = {v:.2f} MiB" for k, v in cpu_bufs.items()]
+    ev += [f"tensor {o['tensor']} buffer type overridden to {o['buffer']}" for o in draft.overrides]
+    if c.dialect == "pre-sync":
+        fix = (f'add --override-tensor-draft "{OVERRIDE}": set serve.override_tensor_draft to '
+               f"['{OVERRIDE}'] (the recipe's default) and run `invoke serve`")
+    else:
+        fix = (f"check serve.n_gpu_layers_draft (-ngld) and serve.override_tensor_draft: on the post-sync fork "
+               f"the assistant's separate output tensor follows -ngld; an override sending token_embd to the "
+               f"CPU must go. On the pre-sync fork the remedy is --override-tensor-draft \"{OVERRIDE}\"")
+    return [Finding(
+        "warning", "draft-embedding-on-cpu",
+        f"the assistant ({draft.path}) has a host (CPU-side) model buffer ({where}): its token embedding / LM head is not on the GPU",
+        "every draft step then streams the embedding/LM head over PCIe, which eats the MTP speed-up; " + why,
+        fix, ev)]
 
-    # --- mlock --------------------------------------------------------------------------------------------
-    if log.mlock_failures:
-        mode = "the unit's LimitMEMLOCK=infinity" if facts.get("systemd") == "yes" else "`ulimit -l unlimited` before the start (the launch script does this when run as root)"
-        out.append(Finding(
-            "warning", "mlock-failed", "--mlock could not lock the model in RAM: the memlock limit (RLIMIT_MEMLOCK) is too low",
-            "the server runs, but the kernel may page the weights out under memory pressure",
-            f"raise the memlock limit ({mode}; check with `cat /proc/$(pidof llama-server)/limits`), "
-            "or set serve.mlock=false", log.mlock_failures[:3]))
 
-    # --- layers / flash attention / load errors / drafting ------------------------------------------------
-    if target and target.offloaded and gpu:
-        n, m = target.offloaded
-        want = int(serve.get("n_gpu_layers") or 0)
-        if n < m and want >= m:
-            out.append(Finding("warning", "layers-not-offloaded", f"only {n}/{m} layers were offloaded to the GPU",
-                               f"serve.n_gpu_layers is {want}", "check free VRAM and the fit messages in the log",
-                               [f"load_tensors: offloaded {n}/{m} layers to GPU"]))
-    if log.fa_fallbacks:
-        out.append(Finding("warning", "flash-attn-fallback",
-                           "flash attention is not on the GPU for some layers (falls back to the CPU or is disabled)",
-                           "usually a KV cache type or head size the GPU kernels do not support",
-                           "try serve.flash_attn=auto or a different cache type", log.fa_fallbacks[:4]))
+def _mlock(log: Log, c: _Case) -> list[Finding]:
+    if not log.mlock_failures:
+        return []
+    mode = "the unit's LimitMEMLOCK=infinity" if c.facts.get("systemd") == "yes" else "`ulimit -l unlimited` before the start (the launch script does this when run as root)"
+    return [Finding(
+        "warning", "mlock-failed", "--mlock could not lock the model in RAM: the memlock limit (RLIMIT_MEMLOCK) is too low",
+        "the server runs, but the kernel may page the weights out under memory pressure",
+        f"raise the memlock limit ({mode}; check with `cat /proc/$(pidof llama-server)/limits`), "
+        "or set serve.mlock=false", log.mlock_failures[:3])]
+
+
+def _layers(log: Log, c: _Case) -> list[Finding]:
+    target = log.target
+    if not (target and target.offloaded and c.gpu):
+        return []
+    n, m = target.offloaded
+    want = int(c.serve.get("n_gpu_layers") or 0)
+    if not (n < m and want >= m):
+        return []
+    return [Finding("warning", "layers-not-offloaded", f"only {n}/{m} layers were offloaded to the GPU",
+                    f"serve.n_gpu_layers is {want}", "check free VRAM and the fit messages in the log",
+                    [f"load_tensors: offloaded {n}/{m} layers to GPU"])]
+
+
+def _flash_attn(log: Log, c: _Case) -> list[Finding]:
+    if not log.fa_fallbacks:
+        return []
+    return [Finding("warning", "flash-attn-fallback",
+                    "flash attention is not on the GPU for some layers (falls back to the CPU or is disabled)",
+                    "usually a KV cache type or head size the GPU kernels do not support",
+                    "try serve.flash_attn=auto or a different cache type", log.fa_fallbacks[:4])]
+
+
+def _load_errors(log: Log, c: _Case) -> list[Finding]:
     other_errors = [l for l in log.load_errors if l not in log.oom]
-    if other_errors and not log.oom:
-        hint = ""
-        if any("unknown model architecture" in l or "predates" in l for l in other_errors):
-            hint = ("the assistant GGUF and the fork disagree on its format (pre-sync gemma4_assistant vs post-sync "
-                    "gemma4-assistant): pin the assistant revision that matches build.profile (step 6)")
-        out.append(Finding("error", "load-error", "the server failed to load a model", hint,
-                           hint or "read the evidence lines; check the model paths and files (invoke models)",
-                           other_errors[:6]))
-    # --- a request that killed the server -----------------------------------------------------------------
-    if log.aborts:
-        task = f"task {log.in_flight['task']} (slot {log.in_flight['slot']})" if log.in_flight else "a request"
-        ev = ([f"slot launch_slot_: id {log.in_flight['slot']} | task {log.in_flight['task']} | processing task"]
-              if log.in_flight else []) + log.aborts[:5]
-        spec = str(serve.get("spec_type") or "")
-        if any(N_OUTPUTS_ASSERT in a for a in log.aborts):
-            fix = ("the post-sync fork aborts every request with --spec-type draft-simple (the draft context allows "
-                   "one output); serve with the MTP head: serve.spec_type=mtp serve.draft_model=assistant, or "
-                   "serve.spec_type=none (gpubox refuses draft-simple for this dialect before launch)")
-            detail = (f"{task} was being processed when llama-server hit an assertion in llama-context.cpp"
-                      + (f" (serve.spec_type={spec})" if spec else ""))
-        else:
-            fix = ("read the evidence lines (`invoke serve.logs --all`); an abort while generating is a bug or an "
-                   "out-of-memory in the binary: try serve.spec_type=none, a smaller serve.ctx_size, or a higher "
-                   "serve.n_cpu_moe")
-            detail = f"{task} was being processed when llama-server died"
-        out.append(Finding("error", "server-aborted", "llama-server aborted in the middle of a request", detail, fix, ev))
+    if not other_errors or log.oom:
+        return []
+    hint = ""
+    if any("unknown model architecture" in l or "predates" in l for l in other_errors):
+        hint = ("the assistant GGUF and the fork disagree on its format (pre-sync gemma4_assistant vs post-sync "
+                "gemma4-assistant): pin the assistant revision that matches build.profile (step 6)")
+    return [Finding("error", "load-error", "the server failed to load a model", hint,
+                    hint or "read the evidence lines; check the model paths and files (invoke models)",
+                    other_errors[:6])]
 
+
+def _aborts(log: Log, c: _Case) -> list[Finding]:
+    """A request that killed the server."""
+    if not log.aborts:
+        return []
+    task = f"task {log.in_flight['task']} (slot {log.in_flight['slot']})" if log.in_flight else "a request"
+    ev = ([f"slot launch_slot_: id {log.in_flight['slot']} | task {log.in_flight['task']} | processing task"]
+          if log.in_flight else []) + log.aborts[:5]
+    spec = str(c.serve.get("spec_type") or "")
+    if any(N_OUTPUTS_ASSERT in a for a in log.aborts):
+        fix = ("the post-sync fork aborts every request with --spec-type draft-simple (the draft context allows "
+               "one output); serve with the MTP head: serve.spec_type=mtp serve.draft_model=assistant, or "
+               "serve.spec_type=none (gpubox refuses draft-simple for this dialect before launch)")
+        detail = (f"{task} was being processed when llama-server hit an assertion in llama-context.cpp"
+                  + (f" (serve.spec_type={spec})" if spec else ""))
+    else:
+        fix = ("read the evidence lines (`invoke serve.logs --all`); an abort while generating is a bug or an "
+               "out-of-memory in the binary: try serve.spec_type=none, a smaller serve.ctx_size, or a higher "
+               "serve.n_cpu_moe")
+        detail = f"{task} was being processed when llama-server died"
+    return [Finding("error", "server-aborted", "llama-server aborted in the middle of a request", detail, fix, ev)]
+
+
+def _draft_acceptance(log: Log, c: _Case) -> list[Finding]:
     drafted = [r for r in log.requests if r.draft_generated]
-    if drafted:
-        acc = sum(r.draft_accepted or 0 for r in drafted) / max(1, sum(r.draft_generated or 0 for r in drafted))
-        detail = "from the per-request `draft acceptance` lines"
-        if log.spec_stats:
-            st = log.spec_stats[-1]
-            detail += (f"; statistics {st['type']}: {st.get('acc_tokens', 0)} of {st.get('gen_tokens', 0)} drafted "
-                       f"tokens accepted over {st.get('calls_draft', 0)} draft calls")
-        out.append(Finding("info", "draft-acceptance", f"draft acceptance {acc:.1%} over {len(drafted)} request(s)",
-                           detail))
-    return out
+    if not drafted:
+        return []
+    acc = sum(r.draft_accepted or 0 for r in drafted) / max(1, sum(r.draft_generated or 0 for r in drafted))
+    detail = "from the per-request `draft acceptance` lines"
+    if log.spec_stats:
+        st = log.spec_stats[-1]
+        detail += (f"; statistics {st['type']}: {st.get('acc_tokens', 0)} of {st.get('gen_tokens', 0)} drafted "
+                   f"tokens accepted over {st.get('calls_draft', 0)} draft calls")
+    return [Finding("info", "draft-acceptance", f"draft acceptance {acc:.1%} over {len(drafted)} request(s)", detail)]
+
+
+RULES = (_gpu_not_visible, _out_of_memory, _draft_embedding, _mlock, _layers, _flash_attn, _load_errors, _aborts,
+         _draft_acceptance)
 
 
 def summary(findings: list[Finding]) -> str:

@@ -185,181 +185,206 @@ def runs(text: str) -> list[str]:
 
 def parse(text: str, *, target_path: str | None = None, draft_path: str | None = None) -> Log:
     """Parse a log. Model blocks get role "target" / "draft" by path when given, else by order."""
-    log = Log()
-    cur: ModelBlock | None = None
-    in_mem = False
-    requests: dict[tuple[int, int], Request] = {}
-    header: Request | None = None            # the pre-sync stand-alone `slot print_timing: ... |` request
-    header_fields: set[str] = set()          # which timing lines it has had
-    started: dict[tuple[int, int], bool] = {}
+    p = _Parser()
+    for raw in text.splitlines():
+        p.log.lines += 1
+        line = clean(raw)
+        if line.strip():
+            p.feed(line)
+    if p.started:
+        slot, task = list(p.started)[-1]
+        p.log.in_flight = {"slot": slot, "task": task}
+    _assign_roles(p.log, target_path, draft_path)
+    return p.log
 
-    def get(key: tuple[int, int]) -> Request:
-        if key not in requests:
-            requests[key] = Request(slot=key[0], task=key[1])
-            log.requests.append(requests[key])
-        return requests[key]
 
-    def req(line: str, field_: str) -> Request:
-        nonlocal header, header_fields
+class _Parser:
+    """One line at a time through the handlers below, in order; a handler that returns True takes the line."""
+
+    def __init__(self):
+        self.log = Log()
+        self.cur: ModelBlock | None = None
+        self.in_mem = False
+        self.requests: dict[tuple[int, int], Request] = {}
+        self.header: Request | None = None       # the pre-sync stand-alone `slot print_timing: ... |` request
+        self.header_fields: set[str] = set()     # which timing lines it has had
+        self.started: dict[tuple[int, int], bool] = {}
+
+    def feed(self, line: str) -> None:
+        for handler in (self._watch, self._loader, self._block, self._devices, self._memory, self._problems,
+                        self._server, self._timings, self._spec_stats):
+            if handler(line):
+                return
+
+    # -- requests --
+    def _get(self, key: tuple[int, int]) -> Request:
+        if key not in self.requests:
+            self.requests[key] = Request(slot=key[0], task=key[1])
+            self.log.requests.append(self.requests[key])
+        return self.requests[key]
+
+    def _req(self, line: str, field_: str) -> Request:
         m = SLOT_RE.search(line)
         if m:
-            return get((int(m.group(1)), int(m.group(2))))
+            return self._get((int(m.group(1)), int(m.group(2))))
         # A bare timing line (pre-sync): the last stand-alone header's request, unless that one already has
         # this line (then a new request without a header begins).
-        if header is None or field_ in header_fields:
-            header, header_fields = get((-1, len(log.requests))), set()
-        header_fields.add(field_)
-        return header
+        if self.header is None or field_ in self.header_fields:
+            self.header, self.header_fields = self._get((-1, len(self.log.requests))), set()
+        self.header_fields.add(field_)
+        return self.header
 
-    for raw in text.splitlines():
-        log.lines += 1
-        line = clean(raw)
-        if not line.strip():
-            continue
+    # -- handlers --
+    def _watch(self, line: str) -> bool:
+        """Aborts, tasks started and ended (never the only thing on a line), the pre-sync timing header."""
         if ABORT_RE.search(line):
-            log.aborts.append(line.strip())
+            self.log.aborts.append(line.strip())
         m = TASK_START_RE.search(line)
         if m:
-            started[(int(m.group(1)), int(m.group(2)))] = True
+            self.started[(int(m.group(1)), int(m.group(2)))] = True
         m = TASK_END_RE.search(line)
         if m:
-            started.pop((int(m.group(1)), int(m.group(2))), None)
+            self.started.pop((int(m.group(1)), int(m.group(2))), None)
         m = TIMING_HEADER_RE.search(line)
         if m:
-            header, header_fields = get((int(m.group(1)), int(m.group(2)))), set()
-            continue
+            self.header, self.header_fields = self._get((int(m.group(1)), int(m.group(2)))), set()
+            return True
+        return False
+
+    def _loader(self, line: str) -> bool:
         m = LOADER_RE.search(line)
         if m:
-            cur = ModelBlock(path=m.group(3).strip(), n_tensors=int(m.group(2)))
-            log.models.append(cur)
-            in_mem = False
-            continue
-        if cur is not None:
-            m = ARCH_RE.search(line)
-            if m and not cur.arch:
-                cur.arch = m.group(1)
-                continue
-            m = OFFLOAD_RE.search(line)
+            self.cur = ModelBlock(path=m.group(3).strip(), n_tensors=int(m.group(2)))
+            self.log.models.append(self.cur)
+            self.in_mem = False
+        return bool(m)
+
+    def _block(self, line: str) -> bool:
+        """The lines of the current model's load: architecture, offload, buffers, KV, overrides."""
+        cur = self.cur
+        if cur is None:
+            return False
+        m = ARCH_RE.search(line)
+        if m and not cur.arch:
+            cur.arch = m.group(1)
+            return True
+        for rx, bufs in ((MODEL_BUF_RE, cur.model_buffers), (KV_BUF_RE, cur.kv_buffers)):
+            m = rx.search(line)
             if m:
-                cur.offloaded = (int(m.group(1)), int(m.group(2)))
-                continue
-            m = MODEL_BUF_RE.search(line)
-            if m:
-                cur.model_buffers[m.group(1)] = cur.model_buffers.get(m.group(1), 0.0) + float(m.group(2))
-                continue
-            m = KV_BUF_RE.search(line)
-            if m:
-                cur.kv_buffers[m.group(1)] = cur.kv_buffers.get(m.group(1), 0.0) + float(m.group(2))
-                continue
-            m = COMPUTE_BUF_RE.search(line)
-            if m:
-                cur.compute_buffers[m.group(1)] = float(m.group(2))
-                continue
-            m = KV_TYPES_RE.search(line)
-            if m:
-                cur.kv_types.append(f"{m.group(1)}/{m.group(2)}")
-                continue
-            m = SHARE_RE.search(line)
-            if m:
-                cur.kv_shared.append((int(m.group(1)), int(m.group(2))))
-                continue
-            m = OVERRIDE_RE.search(line)
-            if m:
-                cur.overrides.append({"tensor": m.group(1), "mib": float(m.group(2)), "type": m.group(3),
-                                      "buffer": m.group(4)})
-                continue
-        m = DEVICES_RE.search(line)
-        if m:
+                bufs[m.group(1)] = bufs.get(m.group(1), 0.0) + float(m.group(2))
+                return True
+        if (m := OFFLOAD_RE.search(line)):
+            cur.offloaded = (int(m.group(1)), int(m.group(2)))
+        elif (m := COMPUTE_BUF_RE.search(line)):
+            cur.compute_buffers[m.group(1)] = float(m.group(2))
+        elif (m := KV_TYPES_RE.search(line)):
+            cur.kv_types.append(f"{m.group(1)}/{m.group(2)}")
+        elif (m := SHARE_RE.search(line)):
+            cur.kv_shared.append((int(m.group(1)), int(m.group(2))))
+        elif (m := OVERRIDE_RE.search(line)):
+            cur.overrides.append({"tensor": m.group(1), "mib": float(m.group(2)), "type": m.group(3),
+                                  "buffer": m.group(4)})
+        return bool(m)
+
+    def _devices(self, line: str) -> bool:
+        log = self.log
+        if (m := DEVICES_RE.search(line)):
             log.cuda_devices_found = int(m.group(1))
-            continue
+            return True
         m = DEVICE_RE.search(line)
         if m and log.cuda_devices_found is not None:
             log.devices.append({"index": int(m.group(1)), "name": m.group(2), "compute_capability": m.group(3),
                                 "vmm": m.group(4) or "", "vram_mib": int(m.group(5)) if m.group(5) else None})
-            continue
-        m = CUDA_INIT_FAIL_RE.search(line)
-        if m:
+            return True
+        if (m := CUDA_INIT_FAIL_RE.search(line)):
             log.cuda_init_error = m.group(1).strip()
-            continue
+            return True
+        return False
+
+    def _memory(self, line: str) -> bool:
+        """The memory breakdown table: its rows follow its header line."""
         if MEM_HEADER_RE.search(line):
-            in_mem = True
-            continue
-        if in_mem:
-            m = MEM_ROW_RE.search(line)
-            if m:
-                log.memory.append({"device": m.group(1).strip(), "total": int(m.group(2)), "free": int(m.group(3)),
-                                   "self": int(m.group(4)), "model": int(m.group(5)), "context": int(m.group(6)),
-                                   "compute": int(m.group(7)), "unaccounted": int(m.group(8))})
-                continue
-            m = MEM_HOST_RE.search(line)
-            if m:
-                log.memory.append({"device": m.group(1), "self": int(m.group(2)), "model": int(m.group(3)),
-                                   "context": int(m.group(4)), "compute": int(m.group(5))})
-                continue
-            in_mem = False
-        m = MLOCK_RE.search(line)
-        if m:
+            self.in_mem = True
+            return True
+        if not self.in_mem:
+            return False
+        if (m := MEM_ROW_RE.search(line)):
+            self.log.memory.append({"device": m.group(1).strip(), "total": int(m.group(2)), "free": int(m.group(3)),
+                                    "self": int(m.group(4)), "model": int(m.group(5)), "context": int(m.group(6)),
+                                    "compute": int(m.group(7)), "unaccounted": int(m.group(8))})
+            return True
+        if (m := MEM_HOST_RE.search(line)):
+            self.log.memory.append({"device": m.group(1), "self": int(m.group(2)), "model": int(m.group(3)),
+                                    "context": int(m.group(4)), "compute": int(m.group(5))})
+            return True
+        self.in_mem = False
+        return False
+
+    def _problems(self, line: str) -> bool:
+        """mlock failures, out of memory, flash attention on the CPU, model load errors."""
+        log = self.log
+        if MLOCK_RE.search(line):
             log.mlock_failures.append(line.strip())
-            continue
+            return True
         if any(p.search(line) for p in OOM_PATTERNS):
             log.oom.append(line.strip())
         if FA_RE.search(line):
             log.fa_fallbacks.append(line.strip())
-            continue
+            return True
         if EXIT_LOAD_RE.search(line):
             log.exited_on_load_error = True
             log.load_errors.append(line.strip())
-            continue
-        m = LOAD_ERROR_RE.search(line)
-        if m and not line.startswith("warning") and not BENIGN_RE.search(line):
+            return True
+        if LOAD_ERROR_RE.search(line) and not line.startswith("warning") and not BENIGN_RE.search(line):
             log.load_errors.append(line.strip())
-            continue
-        m = LISTEN_RE.search(line)
-        if m:
-            log.listening = m.group(1)
+            return True
+        return False
+
+    def _server(self, line: str) -> bool:
+        """Listening, ready, the speculative implementations it added."""
+        if (m := LISTEN_RE.search(line)):
+            self.log.listening = m.group(1)
         if READY_RE.search(line):
-            log.ready = True
-            continue
-        m = SPEC_IMPL_RE.search(line)
-        if m:
-            log.spec_impls.append(m.group(1))
-            continue
-        m = TIMING_RE.search(line)
-        if m:
-            r = req(line, "prompt_n" if m.group(1) == "prompt eval" else "predicted_n")
+            self.log.ready = True
+            return True
+        if (m := SPEC_IMPL_RE.search(line)):
+            self.log.spec_impls.append(m.group(1))
+            return True
+        return False
+
+    def _timings(self, line: str) -> bool:
+        """A request's prompt/eval/total times and its draft acceptance."""
+        if (m := TIMING_RE.search(line)):
+            r = self._req(line, "prompt_n" if m.group(1) == "prompt eval" else "predicted_n")
             if m.group(1) == "prompt eval":
                 r.prompt_ms, r.prompt_n, r.prompt_per_second = float(m.group(2)), int(m.group(3)), float(m.group(5))
             else:
                 r.predicted_ms, r.predicted_n, r.predicted_per_second = float(m.group(2)), int(m.group(3)), float(m.group(5))
-            continue
-        m = TOTAL_RE.search(line)
-        if m:
-            req(line, "total_ms").total_ms = float(m.group(1))
-            continue
-        m = DRAFT_RE.search(line)
-        if m:
-            r = req(line, "draft_generated")
+            return True
+        if (m := TOTAL_RE.search(line)):
+            self._req(line, "total_ms").total_ms = float(m.group(1))
+            return True
+        if (m := DRAFT_RE.search(line)):
+            r = self._req(line, "draft_generated")
             r.draft_acceptance = float(m.group(1))
             r.draft_accepted, r.draft_generated = int(m.group(2)), int(m.group(3))
             r.draft_mean_len = float(m.group(4)) if m.group(4) else None
-            continue
-        m = SPEC_STATS_RE.search(line)
-        if m:
-            st: dict[str, Any] = {"type": m.group(1), "calls_begin": int(m.group(2)), "calls_draft": int(m.group(3)),
-                                  "calls_accept": int(m.group(4))}
-            for k, v in SPEC_FIELD_RE.findall(m.group(5)):
-                st[k.replace(" ", "_")] = float(v) if "." in v else int(v)
-            d = SPEC_DUR_RE.search(m.group(5))
-            if d:
-                st["dur_ms"] = [float(d.group(1)), float(d.group(2)), float(d.group(3))]
-            log.spec_stats.append(st)
-            continue
+            return True
+        return False
 
-    if started:
-        slot, task = list(started)[-1]
-        log.in_flight = {"slot": slot, "task": task}
-    _assign_roles(log, target_path, draft_path)
-    return log
+    def _spec_stats(self, line: str) -> bool:
+        m = SPEC_STATS_RE.search(line)
+        if not m:
+            return False
+        st: dict[str, Any] = {"type": m.group(1), "calls_begin": int(m.group(2)), "calls_draft": int(m.group(3)),
+                              "calls_accept": int(m.group(4))}
+        for k, v in SPEC_FIELD_RE.findall(m.group(5)):
+            st[k.replace(" ", "_")] = float(v) if "." in v else int(v)
+        d = SPEC_DUR_RE.search(m.group(5))
+        if d:
+            st["dur_ms"] = [float(d.group(1)), float(d.group(2)), float(d.group(3))]
+        self.log.spec_stats.append(st)
+        return True
 
 
 def _assign_roles(log: Log, target_path: str | None, draft_path: str | None) -> None:

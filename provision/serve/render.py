@@ -117,137 +117,160 @@ def render(serve: dict[str, Any], parsed: dict[str, Any], *, binary: str, model_
            draft_path: str = "") -> Rendered:
     """cfg["serve"] + paths (already resolved on the target) + the binary's parsed --help -> Rendered."""
     dialect = parsed.get("dialect") or helptext.detect_dialect(parsed)
-    pairs: list[tuple[str, str | None]] = []
-    notes: list[str] = []
-    dropped: list[str] = []
-    problems: list[str] = []
-    drop = serve.get("on_missing_option", "error") == "drop"
-
-    def spelling(key: str) -> str | None:
-        for s in SPELL[key]:
-            if helptext.accepts(parsed, s):
-                return s
-        return None
-
-    def missing(setting: str, value: Any, what: str) -> None:
-        msg = f"serve.{setting} = {value!r}: {what}"
-        if drop:
-            dropped.append(msg + " -> left out (serve.on_missing_option=drop); the binary's default applies")
-        else:
-            problems.append(msg)
-
-    def add(key: str, value: Any = None, setting: str | None = None) -> None:
-        setting = setting or key
-        flag = spelling(key)
-        if flag is None:
-            missing(setting, value if value is not None else True,
-                    f"this binary has no {' / '.join(SPELL[key])} option")
-            return
-        if value is not None and key in VALUES:
-            allowed = parsed["values"].get(VALUES[key]) or parsed["values"].get("cache_type" if "cache" in key else "", [])
-            if allowed and str(value) not in allowed:
-                missing(setting, value, f"{flag} does not accept {value!r} on this binary (allowed: {', '.join(allowed)})")
-                return
-        pairs.append((flag, None if value is None else str(value)))
-
+    b = _Flags(parsed, drop=serve.get("on_missing_option", "error") == "drop")
     drafting = bool(draft_path) and serve.get("spec_type", "none") != "none"
-
-    add("model", model_path, "models.files.model")
+    b.add("model", model_path, "models.files.model")
     if drafting:
-        spec = serve["spec_type"]
-        is_mtp = spec in ("mtp", "draft-mtp")
-        add("draft_model_mtp" if is_mtp else "draft_model", draft_path, "draft_model")
-        known = parsed["values"].get("spec_type", [])
-        name = next((n for n in SPEC_NAMES.get(spec, [spec]) if n in known), None)
-        broken = BROKEN_SPEC.get((dialect, name))
-        if name is None:
-            missing("spec_type", spec, f"--spec-type on this binary accepts only: {', '.join(known) or '(no --spec-type)'}")
-        elif broken:
-            problems.append(f"serve.spec_type = {spec!r}: {broken}")
-        else:
-            if name != spec:
-                notes.append(f"serve.spec_type {spec} is spelled {name} on this binary")
-            add("spec_type", name)
-        b = serve["draft_block_size"]
-        if helptext.accepts(parsed, "--draft-block-size"):
-            add("draft_block_size", b)
-        elif helptext.accepts(parsed, "--spec-draft-n-max"):
-            add("spec_draft_n_max", b - 1, "draft_block_size")
-            notes.append(f"serve.draft_block_size {b} -> --spec-draft-n-max {b - 1} (block B drafts B-1 tokens)")
-        else:
-            missing("draft_block_size", b, "this binary has neither --draft-block-size nor --spec-draft-n-max")
-        if spelling("draft_max"):
-            add("draft_max", serve["draft_max"])
-        elif helptext.accepts(parsed, "--spec-draft-n-max"):
-            notes.append(f"serve.draft_max {serve['draft_max']} not rendered: this dialect (post-sync fork, upstream) has no equivalent "
-                         "(--draft-max is a removed stub there; the block size bounds the draft)")
-        else:
-            missing("draft_max", serve["draft_max"], "this binary has no --draft-max")
-        if spelling("draft_min"):
-            add("draft_min", serve["draft_min"])
-        else:
-            add("spec_draft_n_min", serve["draft_min"], "draft_min")
+        _drafting(b, serve, draft_path, dialect)
     elif serve.get("draft_model"):
-        notes.append("drafting off: " + ("serve.spec_type is none" if draft_path else "no draft model path"))
-
-    add("n_gpu_layers", serve["n_gpu_layers"])
-    if serve.get("n_cpu_moe"):
-        add("n_cpu_moe", serve["n_cpu_moe"])
-    if drafting:
-        add("n_gpu_layers_draft", serve["n_gpu_layers_draft"])
-        if serve.get("n_cpu_moe_draft"):
-            add("n_cpu_moe_draft", serve["n_cpu_moe_draft"])
-        if serve.get("override_tensor_draft"):
-            add("override_tensor_draft", ",".join(serve["override_tensor_draft"]))
-    if serve.get("override_tensor"):
-        add("override_tensor", ",".join(serve["override_tensor"]))
-    add("cache_type_k", serve["cache_type_k"])
-    add("cache_type_v", serve["cache_type_v"])
-    if drafting:
-        add("cache_type_k_draft", serve["cache_type_k_draft"])
-        add("cache_type_v_draft", serve["cache_type_v_draft"])
-    add("flash_attn", serve["flash_attn"])
-    add("ctx_size", serve["ctx_size"])
-    add("parallel", serve["parallel"])
-    mlock, mmap = bool(serve.get("mlock")), bool(serve.get("mmap", True))
-    if spelling("mlock") or spelling("no_mmap") or not spelling("load_mode"):
-        if mlock:
-            add("mlock")
-        if not mmap:
-            add("no_mmap", None, "mmap")
-    elif mlock or not mmap:
-        # Upstream folded --mlock/--no-mmap into --load-mode (seen in llama-cpp-python 0.3.36's llama.cpp).
-        mode = {(True, True): "mmap+mlock", (True, False): "mlock", (False, False): "none"}[(mlock, mmap)]
-        allowed = parsed["values"].get("load_mode", [])
-        if allowed and mode not in allowed:
-            missing("mlock" if mlock else "mmap", mlock if mlock else mmap,
-                    f"--load-mode on this binary has no {mode!r} (allowed: {', '.join(allowed)})")
-        else:
-            notes.append(f"serve.mlock={str(mlock).lower()} serve.mmap={str(mmap).lower()} -> --load-mode {mode} "
-                         "(this binary has no --mlock/--no-mmap)")
-            add("load_mode", mode, "mlock")
-    add("host", serve["host"])
-    add("port", serve["port"])
+        b.notes.append("drafting off: " + ("serve.spec_type is none" if draft_path else "no draft model path"))
+    _placement(b, serve, drafting)
+    _load_mode(b, serve)
+    b.add("host", serve["host"])
+    b.add("port", serve["port"])
     if serve.get("api_key_file"):   # the key stays in the file: never on the command line
-        add("api_key_file", serve["api_key_file"])
+        b.add("api_key_file", serve["api_key_file"])
     lv = serve.get("log_verbosity", "auto")
     if lv == "auto":
         lv = AUTO_VERBOSITY.get(dialect, 4)
     if lv is not None:
-        add("log_verbosity", lv)
-
+        b.add("log_verbosity", lv)
     # Every flag, once more against the binary's own list (a removed stub is not accepted).
-    for flag, _ in pairs:
+    for flag, _ in b.pairs:
         if not helptext.accepts(parsed, flag):
-            problems.append(f"{flag} is not accepted by this binary's --help")
-    if problems:
-        raise RenderError(problems, binary, dialect)
+            b.problems.append(f"{flag} is not accepted by this binary's --help")
+    if b.problems:
+        raise RenderError(b.problems, binary, dialect)
     argv = [binary]
-    for flag, value in pairs:
+    for flag, value in b.pairs:
         argv.append(flag)
         if value is not None:
             argv.append(value)
-    return Rendered(argv=argv, dialect=dialect, notes=notes, dropped=dropped, pairs=pairs)
+    return Rendered(argv=argv, dialect=dialect, notes=b.notes, dropped=b.dropped, pairs=b.pairs)
+
+
+class _Flags:
+    """The flags rendered so far, in the binary's own spelling, and what could not be rendered and why."""
+
+    def __init__(self, parsed: dict[str, Any], drop: bool):
+        self.parsed, self.drop = parsed, drop
+        self.pairs: list[tuple[str, str | None]] = []
+        self.notes: list[str] = []
+        self.dropped: list[str] = []
+        self.problems: list[str] = []
+
+    def spelling(self, key: str) -> str | None:
+        return next((s for s in SPELL[key] if helptext.accepts(self.parsed, s)), None)
+
+    def missing(self, setting: str, value: Any, what: str) -> None:
+        msg = f"serve.{setting} = {value!r}: {what}"
+        if self.drop:
+            self.dropped.append(msg + " -> left out (serve.on_missing_option=drop); the binary's default applies")
+        else:
+            self.problems.append(msg)
+
+    def add(self, key: str, value: Any = None, setting: str | None = None) -> None:
+        setting = setting or key
+        flag = self.spelling(key)
+        if flag is None:
+            self.missing(setting, value if value is not None else True,
+                         f"this binary has no {' / '.join(SPELL[key])} option")
+            return
+        if value is not None and key in VALUES:
+            values = self.parsed["values"]
+            allowed = values.get(VALUES[key]) or values.get("cache_type" if "cache" in key else "", [])
+            if allowed and str(value) not in allowed:
+                self.missing(setting, value, f"{flag} does not accept {value!r} on this binary "
+                                             f"(allowed: {', '.join(allowed)})")
+                return
+        self.pairs.append((flag, None if value is None else str(value)))
+
+
+def _drafting(b: _Flags, serve: dict[str, Any], draft_path: str, dialect: str) -> None:
+    """The draft model, --spec-type in this binary's spelling, and the draft sizes in its dialect."""
+    spec = serve["spec_type"]
+    b.add("draft_model_mtp" if spec in ("mtp", "draft-mtp") else "draft_model", draft_path, "draft_model")
+    known = b.parsed["values"].get("spec_type", [])
+    name = next((n for n in SPEC_NAMES.get(spec, [spec]) if n in known), None)
+    broken = BROKEN_SPEC.get((dialect, name))
+    if name is None:
+        b.missing("spec_type", spec, f"--spec-type on this binary accepts only: {', '.join(known) or '(no --spec-type)'}")
+    elif broken:
+        b.problems.append(f"serve.spec_type = {spec!r}: {broken}")
+    else:
+        if name != spec:
+            b.notes.append(f"serve.spec_type {spec} is spelled {name} on this binary")
+        b.add("spec_type", name)
+    _draft_sizes(b, serve)
+
+
+def _draft_sizes(b: _Flags, serve: dict[str, Any]) -> None:
+    """Pre-sync --draft-block-size/--draft-max/--draft-min, post-sync --spec-draft-n-max (B-1)/--spec-draft-n-min."""
+    size = serve["draft_block_size"]
+    if helptext.accepts(b.parsed, "--draft-block-size"):
+        b.add("draft_block_size", size)
+    elif helptext.accepts(b.parsed, "--spec-draft-n-max"):
+        b.add("spec_draft_n_max", size - 1, "draft_block_size")
+        b.notes.append(f"serve.draft_block_size {size} -> --spec-draft-n-max {size - 1} (block B drafts B-1 tokens)")
+    else:
+        b.missing("draft_block_size", size, "this binary has neither --draft-block-size nor --spec-draft-n-max")
+    if b.spelling("draft_max"):
+        b.add("draft_max", serve["draft_max"])
+    elif helptext.accepts(b.parsed, "--spec-draft-n-max"):
+        b.notes.append(f"serve.draft_max {serve['draft_max']} not rendered: this dialect (post-sync fork, upstream) has "
+                       "no equivalent (--draft-max is a removed stub there; the block size bounds the draft)")
+    else:
+        b.missing("draft_max", serve["draft_max"], "this binary has no --draft-max")
+    if b.spelling("draft_min"):
+        b.add("draft_min", serve["draft_min"])
+    else:
+        b.add("spec_draft_n_min", serve["draft_min"], "draft_min")
+
+
+def _placement(b: _Flags, serve: dict[str, Any], drafting: bool) -> None:
+    """Layers and experts on the GPU, tensor overrides, cache types, flash attention, context, slots."""
+    b.add("n_gpu_layers", serve["n_gpu_layers"])
+    if serve.get("n_cpu_moe"):
+        b.add("n_cpu_moe", serve["n_cpu_moe"])
+    if drafting:
+        b.add("n_gpu_layers_draft", serve["n_gpu_layers_draft"])
+        if serve.get("n_cpu_moe_draft"):
+            b.add("n_cpu_moe_draft", serve["n_cpu_moe_draft"])
+        if serve.get("override_tensor_draft"):
+            b.add("override_tensor_draft", ",".join(serve["override_tensor_draft"]))
+    if serve.get("override_tensor"):
+        b.add("override_tensor", ",".join(serve["override_tensor"]))
+    b.add("cache_type_k", serve["cache_type_k"])
+    b.add("cache_type_v", serve["cache_type_v"])
+    if drafting:
+        b.add("cache_type_k_draft", serve["cache_type_k_draft"])
+        b.add("cache_type_v_draft", serve["cache_type_v_draft"])
+    b.add("flash_attn", serve["flash_attn"])
+    b.add("ctx_size", serve["ctx_size"])
+    b.add("parallel", serve["parallel"])
+
+
+def _load_mode(b: _Flags, serve: dict[str, Any]) -> None:
+    """--mlock / --no-mmap, or upstream's --load-mode that folded them."""
+    mlock, mmap = bool(serve.get("mlock")), bool(serve.get("mmap", True))
+    if b.spelling("mlock") or b.spelling("no_mmap") or not b.spelling("load_mode"):
+        if mlock:
+            b.add("mlock")
+        if not mmap:
+            b.add("no_mmap", None, "mmap")
+        return
+    if not (mlock or not mmap):
+        return
+    # Upstream folded --mlock/--no-mmap into --load-mode (seen in llama-cpp-python 0.3.36's llama.cpp).
+    mode = {(True, True): "mmap+mlock", (True, False): "mlock", (False, False): "none"}[(mlock, mmap)]
+    allowed = b.parsed["values"].get("load_mode", [])
+    if allowed and mode not in allowed:
+        b.missing("mlock" if mlock else "mmap", mlock if mlock else mmap,
+                  f"--load-mode on this binary has no {mode!r} (allowed: {', '.join(allowed)})")
+    else:
+        b.notes.append(f"serve.mlock={str(mlock).lower()} serve.mmap={str(mmap).lower()} -> --load-mode {mode} "
+                       "(this binary has no --mlock/--no-mmap)")
+        b.add("load_mode", mode, "mlock")
 
 
 def diff(old: list[str], new: list[str]) -> list[str]:
