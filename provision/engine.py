@@ -228,11 +228,32 @@ class Runner:
         return factmod.gather(self.host, self.cfg, self.steps)
 
     def run(self, skipped: Iterable[str] = ()) -> Report:
+        """Every step in order (those in `skipped` not); after a failed step the rest are not run."""
         skipped = set(skipped)
         t0 = time.monotonic()
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         report = Report(host=self.host.name, started=stamp, mode="plan" if self.plan else "provision")
         logdir = self.report_dir / f"{self.host.name}-{stamp}"
+        facts = self._start(report)
+        stopped = ""
+        for step in self.steps:
+            res = StepResult(step.NAME, SKIPPED)
+            report.steps.append(res)
+            if step.NAME in skipped:
+                continue
+            if stopped:
+                res.error = f"not run: step {stopped} failed"
+                continue
+            facts = self._step(step, facts, res, logdir)
+            if res.status == FAILED and not self.plan:
+                stopped = step.NAME
+        report.fact_commands = self._fact_runs
+        report.seconds = time.monotonic() - t0
+        self.write(report)
+        return report
+
+    def _start(self, report: Report) -> dict:
+        """The first facts; `~/` paths resolved against the target user's home; a note on a host not Fedora 42."""
         facts = self.gather()
         # `~/` paths mean the target user's home: resolved once, so every check, change and command of
         # the steps sees absolute paths (config.on_target; a ConfigError when the home is unknown).
@@ -247,72 +268,60 @@ class Runner:
             self.echo(f"note: {self.host.name} runs {report.os}, not Fedora 42: "
                       + ("this plan shows what provision would change; provision itself would refuse the system steps."
                          if self.plan else "the system steps will refuse to change it."))
-        stopped = ""
-        for step in self.steps:
-            res = StepResult(step.NAME, SKIPPED)
-            report.steps.append(res)
-            if step.NAME in skipped:
-                continue
-            if stopped:
-                res.error = f"not run: step {stopped} failed"
-                continue
-            logdir.mkdir(parents=True, exist_ok=True)
-            logfile = logdir / f"{step.NAME}.log"
-            res.log = str(logfile)
-            with logfile.open("a") as lf:
-                def log(line: str, lf=lf) -> None:
-                    lf.write(line + "\n")
-                    lf.flush()
-                self.host.log = log
-                start_rec = len(self.host.records)
-                s0 = time.monotonic()
-                chk = None
-                try:
-                    chk = step.check(facts, self.cfg)
-                    res.changes = [c.as_dict() for c in chk.changes]
-                    res.planned = chk.planned
-                    res.warnings = list(chk.warnings)
-                    res.info = dict(chk.info)
-                    if chk.satisfied:
-                        res.status = OK
-                        res.attention = list(chk.attention)
-                    elif self.plan:
-                        res.status = PLANNED
-                        res.attention = list(chk.attention)
-                    else:
-                        self.echo(f"[{step.NAME}] applying: " + "; ".join(c.what for c in chk.changes))
-                        extra = step.apply(self.host, facts, self.cfg, chk) or []
-                        facts = self.gather()
-                        after = step.check(facts, self.cfg)
-                        res.attention = list(after.attention) + [a for a in extra if a not in after.attention]
-                        res.info.update(after.info)
-                        if not after.satisfied:
-                            res.status = FAILED
-                            res.error = (f"{step.NAME}: still not satisfied after apply: "
-                                         + "; ".join(f"{c.what} ({c.why})" for c in after.changes))
-                        else:
-                            res.status = CHANGED
-                except CommandFailed as e:
-                    res.status = FAILED
-                    res.error = str(StepError(f"{step.NAME}: a command failed", "see the output below and the step log",
-                                              command=e.command, exited=e.exited, output=e.tail()))
-                except StepError as e:
-                    res.status = FAILED
-                    res.error = str(e)
-                finally:
-                    self.host.log = None
-                    if chk is not None:
-                        res.ran, res.ran_commands = list(chk.ran), list(chk.ran_commands)
-                    res.seconds = time.monotonic() - s0
-                    res.commands = [asdict(r) for r in self.host.records[start_rec:]]
-                    if res.error:
-                        log("FAILED: " + res.error)
-            if res.status == FAILED and not self.plan:
-                stopped = step.NAME
-        report.fact_commands = self._fact_runs
-        report.seconds = time.monotonic() - t0
-        self.write(report)
-        return report
+        return facts
+
+    def _step(self, step: Any, facts: dict, res: StepResult, logdir: Path) -> dict:
+        """One step with its own log file: check; unless planning, apply and check again. Returns the facts."""
+        logdir.mkdir(parents=True, exist_ok=True)
+        logfile = logdir / f"{step.NAME}.log"
+        res.log = str(logfile)
+        with logfile.open("a") as lf:
+            def log(line: str) -> None:
+                lf.write(line + "\n")
+                lf.flush()
+            self.host.log = log
+            start_rec = len(self.host.records)
+            s0 = time.monotonic()
+            chk = None
+            try:
+                chk = step.check(facts, self.cfg)
+                res.changes, res.planned = [c.as_dict() for c in chk.changes], chk.planned
+                res.warnings, res.info = list(chk.warnings), dict(chk.info)
+                if chk.satisfied or self.plan:
+                    res.status, res.attention = (OK if chk.satisfied else PLANNED), list(chk.attention)
+                else:
+                    facts = self._apply(step, facts, chk, res)
+            except CommandFailed as e:
+                res.status = FAILED
+                res.error = str(StepError(f"{step.NAME}: a command failed", "see the output below and the step log",
+                                          command=e.command, exited=e.exited, output=e.tail()))
+            except StepError as e:
+                res.status, res.error = FAILED, str(e)
+            finally:
+                self.host.log = None
+                if chk is not None:
+                    res.ran, res.ran_commands = list(chk.ran), list(chk.ran_commands)
+                res.seconds = time.monotonic() - s0
+                res.commands = [asdict(r) for r in self.host.records[start_rec:]]
+                if res.error:
+                    log("FAILED: " + res.error)
+        return facts
+
+    def _apply(self, step: Any, facts: dict, chk: Check, res: StepResult) -> dict:
+        """apply, gather again, check again: still not satisfied is FAILED, never changed."""
+        self.echo(f"[{step.NAME}] applying: " + "; ".join(c.what for c in chk.changes))
+        extra = step.apply(self.host, facts, self.cfg, chk) or []
+        facts = self.gather()
+        after = step.check(facts, self.cfg)
+        res.attention = list(after.attention) + [a for a in extra if a not in after.attention]
+        res.info.update(after.info)
+        if after.satisfied:
+            res.status = CHANGED
+        else:
+            res.status = FAILED
+            res.error = (f"{step.NAME}: still not satisfied after apply: "
+                         + "; ".join(f"{c.what} ({c.why})" for c in after.changes))
+        return facts
 
     def write(self, report: Report) -> None:
         self.report_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """The runner: ok / changed / failed / skipped paths, 'still not satisfied after apply', the report."""
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -109,3 +110,56 @@ def test_sudo_used_only_when_not_root(cfg):
     rep = Runner(Host(ctx), cfg, [make_step("a", satisfied_before=False)], echo=lambda s: None).run()
     assert rep.steps[0].status == CHANGED
     assert rep.steps[0].commands[0]["command"] == "sudo -n sh -c true"
+
+
+# --- operations: what the plan prints is what apply runs -----------------------------------------------------
+
+def op_step(name, ops_by_change):
+    """A step whose check wants the given changes, each with its operations; apply runs them (run_changes)."""
+    from provision.engine import run_changes
+    state = {"applied": False}
+
+    def check(facts, cfg):
+        if state["applied"]:
+            return Check.done()
+        return Check.todo([Change(f"fix {i}", "not there", ops) for i, ops in enumerate(ops_by_change)])
+
+    def apply(host, facts, cfg, chk):
+        notes = run_changes(host, chk)
+        state["applied"] = True
+        return notes
+
+    return SimpleNamespace(NAME=name, TITLE=name, FACTS=[], check=check, apply=apply)
+
+
+def test_plan_prints_the_operations_and_provision_runs_exactly_them(cfg, capsys):
+    from provision.ops import Cmd
+    shared = Cmd(["echo", "one shared"], root=True)
+    steps = [op_step("a", [[Cmd(["echo", "a b"])], [shared, Cmd(["echo", "x"])], [shared]])]
+    r, ctx = runner(cfg, steps, plan=True, responses={re.compile(r"^echo "): Result()})
+    plan = r.run()
+    table = plan.table()
+    assert plan.steps[0].planned == ["$ echo 'a b'", "# echo 'one shared'", "$ echo x"]   # the shared one once
+    assert [ln.strip() for ln in table.splitlines() if ln.strip()[:2] in ("$ ", "# ")] == plan.steps[0].planned
+    assert ran(r) == []                                                                   # plan ran nothing
+    r, ctx = runner(cfg, steps, responses={re.compile(r"^echo "): Result()})
+    rep = r.run()
+    assert rep.steps[0].status == CHANGED
+    assert rep.steps[0].ran == plan.steps[0].planned
+    assert ran(r) == ["echo 'a b'", "echo 'one shared'", "echo x"]
+    assert rep.steps[0].ran_commands == ran(r)
+
+
+def test_a_change_without_an_operation_is_refused_before_anything_runs(cfg):
+    from provision.ops import Cmd
+    steps = [op_step("a", [[Cmd(["echo", "first"])], []]), op_step("b", [["echo described only"]])]
+    r, ctx = runner(cfg, steps, responses={re.compile(r"^echo "): Result()})
+    rep = r.run()
+    assert rep.steps[0].status == FAILED and "carries no operation" in rep.steps[0].error
+    assert ran(r) == [] and rep.steps[0].ran == []
+    assert rep.steps[1].error == "not run: step a failed"
+
+
+def ran(r):
+    """The commands the runner's host ran, fact gathering left out."""
+    return [rec.command for rec in r.host.records if "@@fact" not in rec.command]
