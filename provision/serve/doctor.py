@@ -16,7 +16,7 @@ Rules (docs/fork.md, docs/tuning.md, docs/serve-mtp.md):
   - server-aborted: the process died in the middle of a request (GGML_ASSERT / abort / segfault), with the
     request that was in flight; the post-sync fork's draft-simple assertion gets its own fix.
   - layers-not-offloaded, flash-attn-fallback, load-error, draft-acceptance (per-request lines, and the
-    speculative statistics line of the trace level).
+    speculative statistics line of the trace level), draft-never-accepted (0 of at least 20 drafted tokens).
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ from .logparse import Log
 
 # The post-sync fork's plain-draft defect (docs/serve-mtp.md): the draft context allows one output.
 N_OUTPUTS_ASSERT = "n_outputs_max <= cparams.n_outputs_max"
+# Drafted tokens without a single acceptance before doctor calls the head useless (a matching head on real text
+# accepts some within a few dozen).
+NEVER_ACCEPTED_MIN = 20
 
 OVERRIDE = r"token_embd\.weight=CUDA0"
 HOST_BUFFERS = ("CPU", "CPU_Mapped", "CPU_REPACK", "CUDA_Host")
@@ -300,8 +303,23 @@ def _draft_acceptance(log: Log, c: _Case) -> list[Finding]:
     return [Finding("info", "draft-acceptance", f"draft acceptance {acc:.1%} over {len(drafted)} request(s)", detail)]
 
 
+def _never_accepted(log: Log, c: _Case) -> list[Finding]:
+    drafted = [r for r in log.requests if r.draft_generated]
+    generated = sum(r.draft_generated or 0 for r in drafted)
+    if generated < NEVER_ACCEPTED_MIN or any(r.draft_accepted for r in drafted):
+        return []
+    return [Finding(
+        "warning", "draft-never-accepted",
+        f"not one of {generated} drafted tokens was accepted: the head never agrees with the target",
+        "every draft step then costs time and buys nothing, so generation is slower than without drafting",
+        "check that the head belongs to this model (`invoke serve` checks the pair rules before launch; "
+        "models.files.assistant revision), or serve without drafting: serve.spec_type=none",
+        [f"slot print_timing: id {r.slot} | task {r.task} | draft acceptance = 0.00000 "
+         f"(0 accepted / {r.draft_generated} generated)" for r in drafted][:3])]
+
+
 RULES = (_gpu_not_visible, _out_of_memory, _draft_embedding, _mlock, _layers, _flash_attn, _load_errors, _aborts,
-         _draft_acceptance)
+         _draft_acceptance, _never_accepted)
 
 
 def summary(findings: list[Finding]) -> str:

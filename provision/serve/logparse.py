@@ -76,7 +76,7 @@ ABORT_RE = re.compile(r"GGML_ASSERT\(|GGML_ABORT|ggml_abort|terminate called|Seg
                       r"CUDA error: |fatal error|gpubox-supervisor: llama-server exited with status (?!0;)")
 # Not errors: the draft-mtp assistant cannot make a context on its own while -fit measures memory; upstream
 # and the post-sync fork say so with an E line ("this warning is normal during memory fitting").
-BENIGN_RE = re.compile(r"normal during memory fitting|failed to measure draft model memory")
+BENIGN_RE = re.compile(r"normal during memory fitting|failed to measure (?:draft model memory|the memory of the extra model)")
 KV_TYPES_RE = re.compile(r"llama_kv_cache\w*: size =.*K \((\w+)\):.*V \((\w+)\):")
 SHARE_RE = re.compile(r"llama_kv_cache\w*: layer\s+(\d+): sharing with layer\s+(\d+)")
 SPEC_IMPL_RE = re.compile(r"adding speculative implementation '([^']+)'")

@@ -168,8 +168,9 @@ def doctor(c, set=None, log=None, dialect=None):
         raise Exit("doctor: the server log is empty; start it with `invoke serve`", code=1)
     model, draft = step.model_paths(cfg, facts.get("home") if isinstance(facts.get("home"), str) else "")
     parsed = logparse.parse(text, target_path=model, draft_path=draft or None)
+    g = facts.get("serve_gguf") if isinstance(facts.get("serve_gguf"), dict) else {}
     findings = doctormod.diagnose(parsed, serve=cfg["serve"], dialect=d, facts=facts,
-                                  expect_gpu=bool(cfg["build"]["cuda"]) and not log)
+                                  expect_gpu=bool(cfg["build"]["cuda"]) and not log, head=g.get("head"))
     print(doctormod.summary(findings))
     _save(cfg, host, "doctor", {"dialect": d, "findings": [f.to_dict() for f in findings]})
     if any(f.severity == "error" for f in findings):

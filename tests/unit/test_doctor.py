@@ -177,3 +177,19 @@ def test_real_draft_simple_abort():
 def test_real_postsync_nodraft_turbo3_healthy():
     log = logparse.parse((LOGS / "fork-postsync-b10018-nodraft-turbo3.log").read_text())
     assert doctor.diagnose(log, serve=SERVE, dialect="post-sync") == []
+
+
+def test_real_upstream_mtp_logs_rigged_and_random():
+    """Real upstream CPU logs of the mini twin pair through gpubox's serve step: the rigged head is accepted every
+    time (info only), the random one never (a warning naming the pair check and spec_type=none)."""
+    rigged = {x.code: x for x in doctor.diagnose(logparse.parse((LOGS / "cpu-gemma4-mini-draft-mtp-rigged.log")
+                                                               .read_text()), serve=SERVE, dialect="upstream")}
+    assert set(rigged) == {"draft-acceptance"}
+    assert rigged["draft-acceptance"].title == "draft acceptance 100.0% over 2 request(s)"
+    assert "statistics draft-mtp: 40 of 40 drafted tokens accepted over 20 draft calls" in rigged["draft-acceptance"].detail
+    random = {x.code: x for x in doctor.diagnose(logparse.parse((LOGS / "cpu-gemma4-mini-draft-mtp-random.log")
+                                                               .read_text()), serve=SERVE, dialect="upstream")}
+    assert set(random) == {"draft-acceptance", "draft-never-accepted"}
+    w = random["draft-never-accepted"]
+    assert w.severity == "warning" and "not one of 118 drafted tokens" in w.title
+    assert "serve.spec_type=none" in w.fix and len(w.evidence) == 2

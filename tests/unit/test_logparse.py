@@ -195,3 +195,24 @@ def test_runs_split_at_the_start_markers():
     r1, r2 = logparse.runs(text)
     assert logparse.parse(r1).aborts[-1] == "gpubox-supervisor: llama-server exited with status 134; restarting in 5 s"
     assert logparse.parse(r2).requests and not logparse.parse(r2).aborts
+
+
+# --- REAL upstream logs with the MTP head (CPU build, the mini Gemma 4 twin; tests/data/logs/README.md) -----
+
+@pytest.mark.parametrize("variant,accepted,generated", [("rigged", 20, 20), ("random", 0, 59)])
+def test_real_upstream_mtp_logs(variant, accepted, generated):
+    text = read(f"cpu-gemma4-mini-draft-mtp-{variant}.log")
+    log = logparse.parse(text)
+    assert [(m.role, m.arch) for m in log.models] == [("target", "gemma4"), ("draft", "gemma4-assistant")]
+    assert log.target.model_buffers == {"CPU": 9.74} and log.draft.model_buffers == {"CPU": 1.62}
+    assert log.draft.kv_buffers == {}                                  # no cache of its own: it views the target's
+    assert log.draft.kv_shared == [(3, 5), (0, 4), (1, 4), (2, 4)]     # full -> target 5, sliding -> target 4
+    assert log.spec_impls == ["draft-mtp"]
+    r0, r1 = log.requests
+    assert (r0.prompt_n, r0.predicted_n, r0.draft_accepted, r0.draft_generated) == (45, 32, accepted, generated)
+    assert r1.prompt_n == 5                                            # the second request reuses the prompt cache
+    assert [(s["type"], s["acc_tokens"], s["gen_tokens"]) for s in log.spec_stats] == \
+        [("draft-mtp", accepted, generated), ("draft-mtp", 2 * accepted, 2 * generated)]
+    # the E/W lines of the fit dry run (the head cannot make a context alone) are no load errors, no exit reason
+    assert log.load_errors == [] and log.aborts == [] and log.ready
+    assert not [l for l in logparse.explain_exit(text) if "ctx_other" in l or "extra model" in l]
