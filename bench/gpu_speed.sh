@@ -7,7 +7,7 @@
 # Builds llama-server + llama-fit-params with bench/gpu_build.sh (no warm rebuild), writes the synthetic
 # 30B-A3B-shaped target (bench/synth_moe.py, 16 GiB sparse) and a 2-layer draft with the same vocabulary,
 # caps the GPU to 8 GiB with bench/vram_holder.py and runs `python -m provision.tune` at context 4096.
-# Upstream llama.cpp has no Gemma 4 MTP head, so the draft is a plain draft model (--spec-type draft): the
+# The draft is a plain draft model (--spec-type draft; upstream serves it, the post-sync fork aborts on it): the
 # speed check's code path is the same, the speed-up figure is not MTP's.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from provision import ggufhead
-from provision.tune import probe as P, search as S, state as ST
+from provision import config, ggufhead
+from provision.tune import probe as P, runner as R, search as S, state as ST
 from provision.tune.report import table
 
 REPO = Path(__file__).resolve().parents[2]
@@ -575,3 +575,33 @@ def test_mtp_head_size_from_a_real_mini_file(tmp_path):
     s = ggufhead.summary(str(h))
     a = ggufhead.assistant_mib(s, ctx=4096, type_k="f16", type_v="f16")
     assert a["kv_mib"] == 0 and a["weights_mib"] == -(-s["tensor_bytes"] // (1 << 20))
+
+
+@pytest.mark.parametrize("variant", ["rigged", "random"])
+def test_real_speed_check_with_the_mini_gemma4_pair_and_draft_mtp(llama_bin, tmp_path, variant):
+    """The tuner's speed check on this CPU with the mini Gemma 4 twin and its MTP head: the probe command is the
+    serve renderer's (--spec-type draft-mtp, the head via --spec-draft-model), one request with and one without
+    drafting; a rigged head is always accepted, a random one never. (Speeds here are a 2-core CPU's.)"""
+    from testbed import gemma4
+    model, head = gemma4.write_pair(tmp_path / "pair", variant=variant)
+    serve = dict(config.defaults()["gpubox"]["serve"])
+    serve.update(ctx_size=2048, n_cpu_moe=1, cache_type_k="f16", cache_type_v="f16", cache_type_k_draft="f16",
+                 cache_type_v_draft="f16", override_tensor_draft=[], flash_attn="auto", spec_type="mtp")
+    inp = R.Inputs(bin_dir=str(llama_bin), model=str(model), draft=str(head), serve=serve, state_dir=str(tmp_path),
+                   probe_port=_free_port(), workdir=str(tmp_path / "work"), speed_tokens=48, ready_timeout=120,
+                   request_timeout=120)
+    host = _host()
+    parsed = R._help(host, inp.server)
+    argv = R.server_argv(inp, parsed, 1, drafting=True)
+    assert argv[argv.index("--spec-type") + 1] == "draft-mtp" and argv[argv.index("--spec-draft-model") + 1] == str(head)
+    assert "--spec-type" not in R.server_argv(inp, parsed, 1, drafting=False)
+    ps = P.ProbeSettings(workdir=inp.workdir, port=inp.probe_port, ready_timeout=120, request_timeout=120,
+                         prompt_tokens=64, gen_tokens=16, vocab=gemma4.N_VOCAB["mini"])
+    lines = []
+    out = R.speed_check(host, inp, parsed, 1, ps, lines.append)
+    w, wo = out["with_mtp"], out["without_mtp"]
+    assert w["outcome"] == wo["outcome"] == S.OK, lines
+    assert w["draft_n"] and w["draft_n"] > 0 and wo["draft_n"] in (None, 0)
+    assert w["draft_accepted"] == (w["draft_n"] if variant == "rigged" else 0)
+    assert out["mtp_speedup"] > 0 and any("the MTP head changes generation speed" in l for l in lines)
+    print("\n" + "\n".join(lines))
