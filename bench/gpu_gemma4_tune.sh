@@ -25,7 +25,7 @@ done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # The vocabulary size for the probes' prompt token ids: the target's, from its header.
-VOCAB=$(python3 -c 'import json,sys; from provision.tune import ggufhead; print(ggufhead.summary(sys.argv[1])["n_vocab"])' "$TARGET")
+VOCAB=$(python3 -c 'import json,sys; from provision import ggufhead; print(ggufhead.summary(sys.argv[1])["n_vocab"])' "$TARGET")
 # shellcheck disable=SC2086  # TUNE_ARGS is a list of options
 exec python3 bench/tune_bench.py --bin-dir "$BIN" --model "$TARGET" --draft "$HEAD" --spec-type "$SPEC" \
   --contexts "$CTX" --kv "$KV" --kvd "$KVD" --modes mtp,none --sweep window --vocab "$VOCAB" --tuner module \
