@@ -17,7 +17,7 @@ from invoke import Collection, Exit, task
 
 from ..runs import settings
 from .. import facts as factmod
-from ..engine import Runner, StepError
+from ..engine import Runner, StepError, write_atomic
 from ..host import Host
 from . import doctor as doctormod
 from . import logparse, service, smoke, step
@@ -33,7 +33,7 @@ def _save(cfg: dict, host: Host, name: str, data: dict) -> Path:
     d = Path(os.path.expanduser(cfg["report_dir"]))
     d.mkdir(parents=True, exist_ok=True)
     p = d / f"{host.name}-{name}.json"
-    p.write_text(json.dumps(data, indent=2, default=str))
+    write_atomic(p, json.dumps(data, indent=2, default=str))
     return p
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from invoke import Exit, task
 
 from ..runs import settings
+from ..engine import write_atomic
 from ..host import Host, expand_home, sh
 from . import report
 from .runner import Inputs, NoGPU, TuneError, tune as run_tune
@@ -78,7 +79,7 @@ def tune(c, set=None, force=False, max_ctx=False, no_plot=False):
     rdir = Path(os.path.expanduser(cfg["report_dir"]))
     rdir.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    (rdir / f"{host.name}-tune-latest.json").write_text(json.dumps(res, indent=1, default=str))
+    write_atomic(rdir / f"{host.name}-tune-latest.json", json.dumps(res, indent=1, default=str))
     if not no_plot and not res.get("reused"):
         print(report.plot_result(res, str(rdir / f"{host.name}-tune-{stamp}.png")))
     print(f"tune: --n-cpu-moe {res['n_cpu_moe']}" + (" (reused)" if res.get("reused") else ""))

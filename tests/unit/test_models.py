@@ -287,3 +287,27 @@ def test_plan_warns_when_the_hub_reports_no_sha256(cfg):
     cfg["models"]["files"]["model"]["allow_unverified"] = True
     chk = models.check(facts_for(cfg, files={"model": {}, "assistant": {}}, lock=None, remote=remote), cfg)
     assert not [w for w in chk.warnings if "no sha256" in w]
+
+
+def test_tilde_paths_land_in_the_target_users_home_not_in_dot_tilde(cfg, hub, monkeypatch, tmp_path):
+    """state_dir and models.dir as ~/...: the lock and the files are written under $HOME of the target user
+    (here: the login user of a local Context), never under ./~ of the working directory."""
+    srv, _ = hub
+    home = tmp_path / "home"
+    home.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("HF_ENDPOINT", srv.url)
+    monkeypatch.setenv("HF_TOKEN", "hf_LocalT0ken")
+    monkeypatch.chdir(work)
+    cfg["state_dir"] = "~/.gpubox-state"
+    cfg["models"]["dir"] = "~/Models"
+    rep = Runner(Host(Context()), cfg, [models], echo=lambda s: None).run()
+    assert rep.steps[0].status == CHANGED, rep.table()
+    assert (home / ".gpubox-state" / "gpubox.lock.json").is_file()
+    names = {f["filename"] for f in cfg["models"]["files"].values()}
+    assert {p.name for p in (home / "Models").iterdir()} == names
+    assert not (work / "~").exists() and list(work.iterdir()) == []
+    assert all(e["path"].startswith(str(home) + "/Models/")
+               for e in json.loads((home / ".gpubox-state" / "gpubox.lock.json").read_text())["models"].values())
