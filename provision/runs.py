@@ -6,6 +6,7 @@ serves `invoke`/`fab` from a clone and the installed `gpubox` command (provision
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from invoke import Exit
 
-from . import config, resources
+from . import config, resources, runlock
 from .engine import Runner, write_atomic
 from .host import Host
 from .steps import BY_NAME, STEPS
@@ -37,14 +38,33 @@ def run_steps(c, names, *, plan=False, only=None, skip=None, sets=()):
         raise Exit(str(e), code=config.EXIT_CONFIG)
     steps = [BY_NAME[n] for n in names]
     skipped = [n for n in names if n not in chosen]
+    host = Host(c)
     try:
-        report = Runner(Host(c), cfg, steps, plan=plan).run(skipped=skipped)
+        if plan:   # a plan changes nothing: it takes no lock (and never waits for one)
+            report = Runner(host, cfg, steps, plan=plan).run(skipped=skipped)
+        else:
+            with locked(host, cfg, ",".join(n for n in names if n in chosen)):
+                report = Runner(host, cfg, steps, plan=plan).run(skipped=skipped)
     except config.ConfigError as e:   # a ~/ path that does not resolve on this target
         raise Exit(str(e), code=config.EXIT_CONFIG)
     print(report.table())
     if report.failed:
         raise Exit(code=1)
     return report
+
+
+@contextlib.contextmanager
+def locked(host: Host, cfg: dict, what: str):
+    """The target's run lock around a run that changes the box (provision/runlock.py); exit 75 when another
+    run holds it (after lock_wait seconds), 1 when it cannot be taken at all."""
+    try:
+        with runlock.run_lock(host, cfg, what):
+            yield
+    except runlock.LockBusy as e:
+        raise Exit(str(e), code=runlock.EXIT_BUSY)
+    except runlock.LockError as e:
+        raise Exit(f"{what}: {e}\n  fix: gpubox needs root on the target (log in as root or allow sudo without "
+                   "a password) and a writable state_dir", code=1)
 
 
 def build_needs(cfg: dict) -> list[str]:
@@ -64,12 +84,13 @@ def undo(c, step: str, sets=()) -> None:
                    code=config.EXIT_CONFIG)
     host = Host(c)
     from . import facts as factmod
-    facts = factmod.gather(host, cfg, [mod])
-    try:
-        cfg = config.on_target(cfg, facts.get("home"))
-    except config.ConfigError as e:
-        raise Exit(str(e), code=config.EXIT_CONFIG)
-    done = mod.undo(host, facts, cfg) or []
+    with locked(host, cfg, f"undo {step}"):
+        facts = factmod.gather(host, cfg, [mod])
+        try:
+            cfg = config.on_target(cfg, facts.get("home"))
+        except config.ConfigError as e:
+            raise Exit(str(e), code=config.EXIT_CONFIG)
+        done = mod.undo(host, facts, cfg) or []
     print(f"undo {step}: " + ("; ".join(done) if done else "nothing to undo"))
 
 
