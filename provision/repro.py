@@ -177,21 +177,65 @@ def report(rows: list[dict], label_a: str, label_b: str, sections: dict[str, lis
     return "\n".join(lines)
 
 
-def compare_dirs(dir_a: str, dir_b: str) -> tuple[bool, str]:
-    """Two local bin/ directories -> (identical, report text with section names for differing ELF files)."""
-    a, b = local_manifest(dir_a), local_manifest(dir_b)
+def _local(argv: list[str]) -> str:
+    r = subprocess.run(argv, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{argv[0]} exited {r.returncode}: {r.stderr.strip()[-500:]}")
+    return r.stdout
+
+
+def compare_dirs(dir_a: str, dir_b: str, run=_local) -> tuple[bool, str]:
+    """Two bin/ directories -> (identical, report text with section names for differing ELF files).
+
+    `run(argv) -> stdout` runs where the files are: this machine by default, a Host's run otherwise."""
+    a, b = parse_manifest(run(manifest_argv(dir_a))), parse_manifest(run(manifest_argv(dir_b)))
+    if not a["files"] or not b["files"]:
+        empty = dir_a if not a["files"] else dir_b
+        return False, f"{empty} holds no files (missing, or the build did not finish)"
     rows = compare(a, b)
     diff_files = [r["name"] for r in rows if r["status"] == "different" and "link_a" not in r]
     secs: dict[str, list[str]] = {}
     if diff_files:
-        def run(d):
-            r = subprocess.run(sections_argv([os.path.join(d, n) for n in diff_files]), capture_output=True,
-                               text=True, check=True)
-            return json.loads(r.stdout)
-        sa, sb = run(dir_a), run(dir_b)
+        sa = json.loads(run(sections_argv([f"{dir_a}/{n}" for n in diff_files])))
+        sb = json.loads(run(sections_argv([f"{dir_b}/{n}" for n in diff_files])))
         for n in diff_files:
-            secs[n] = section_diff(sa[os.path.join(dir_a, n)], sb[os.path.join(dir_b, n)])
+            secs[n] = section_diff(sa[f"{dir_a}/{n}"], sb[f"{dir_b}/{n}"])
     return not differs(rows), report(rows, dir_a, dir_b, secs)
+
+
+def second_build_sets(src_dir: str, build_dir: str) -> list[str]:
+    """--set values for the check's second build: a second clone and build directory beside the first
+    (the names differ in length too), and no ccache, so every object is compiled by this build."""
+    return [f"build.src_dir={src_dir.rstrip('/')}-repro", f"build.build_dir={build_dir.rstrip('/')}-repro",
+            "build.ccache=false"]
+
+
+def check_build(c, sets=(), extra_sets=(), echo=print) -> tuple[bool, str]:
+    """`invoke build --check-reproducible` after the first build: the build step again into a second,
+    freshly emptied directory from a second clone of build.repo_url (second_build_sets, then
+    `extra_sets`), then bin/ of both compared file by file on the host. (identical, report)."""
+    from . import config, facts as factmod
+    from .engine import Runner
+    from .host import Host
+    from .steps import build as step
+
+    cfg_a = config.load(c, list(sets))
+    second = [*second_build_sets(cfg_a["build"]["src_dir"], cfg_a["build"]["build_dir"]), *extra_sets]
+    cfg_b = config.load(c, [*sets, *second])
+    host = Host(c)
+    facts = factmod.gather(host, cfg_b, [])
+    (src_a, bld_a), (src_b, bld_b) = step.dirs(facts, cfg_a), step.dirs(facts, cfg_b)
+    if len({src_a.rstrip("/"), bld_a.rstrip("/"), src_b.rstrip("/"), bld_b.rstrip("/")}) < 4 or bld_b.rstrip("/") in ("", "/"):
+        raise ValueError(f"the second build needs its own source and build directories: a={src_a}, {bld_a}; b={src_b}, {bld_b}")
+    p = step.plan(facts, cfg_b)
+    # A clean second build every time: a build directory left from an earlier check would be "done".
+    host.run(step._argv(p, ["rm", "-rf", "--", bld_b]))
+    echo(f"[repro] second build: source {src_b}, build {bld_b}" + ("" if cfg_b["build"]["ccache"] else ", no ccache"))
+    report = Runner(host, cfg_b, [step], echo=echo).run()
+    if report.failed:
+        res = report.steps[0]
+        return False, f"the second build failed: {res.error}"
+    return compare_dirs(f"{bld_a}/bin", f"{bld_b}/bin", run=lambda argv: host.run(argv, timeout=1800).stdout)
 
 
 def main(argv: list[str]) -> int:

@@ -75,6 +75,16 @@ def build_needs(cfg: dict) -> list[str]:
     return ["build"]
 
 
+def check_reproducible(c, sets=()) -> None:
+    """After a build: the same pin again in a second directory, bin/ compared file by file (provision.repro)."""
+    from . import repro
+    same, text = repro.check_build(c, sets or ())
+    print(text)
+    if not same:
+        raise Exit("build: not reproducible: the second build differs (above); docs/reproducible-builds.md "
+                   "lists the known causes", code=1)
+
+
 def undo(c, step: str, sets=()) -> None:
     cfg = settings(c, sets)
     mod = BY_NAME.get(step)

@@ -59,7 +59,22 @@ def step_task(i: int, step):
     return one
 
 
-STEP_TASKS = [step_task(i, m) for i, m in enumerate(STEPS, 1)]
+def build_task(i: int, step):
+    """`invoke build`: the build step task, with --check-reproducible (issue 15)."""
+    one = step_task(i, step)
+
+    @task(name=step.NAME, help={**one.help, "check-reproducible": "then build the same pin again from a second "
+                                "clone into a second, emptied directory (<dir>-repro, no ccache) and compare "
+                                "bin/ file by file; exit 1 if a file differs"}, iterable=["set"])
+    def build(c, plan=False, set=None, check_reproducible=False):
+        one.body(c, plan=plan, set=set)
+        if check_reproducible and not plan:
+            runs.check_reproducible(c, set)
+    build.__doc__ = build.body.__doc__ = one.__doc__
+    return build
+
+
+STEP_TASKS = [(build_task if m.NAME == "build" else step_task)(i, m) for i, m in enumerate(STEPS, 1)]
 
 
 @task(help={"step": "the step to undo: patch (restore the header backup) or compiler (remove the shims)",

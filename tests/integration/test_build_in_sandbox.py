@@ -2,9 +2,11 @@
 sandbox's overrides) of llama-server from the sandbox's llama.cpp mirror, with ccache under the
 persistent mount (a sandbox reset keeps it: a rerun is mostly cache hits). Then: the testinfra
 verification, a tiny GGUF served and /health answered, a second build with zero changes, a new SHA
-rebuilding, an unreachable URL and an unknown SHA failing clearly with nothing removed.
+rebuilding, an unreachable URL and an unknown SHA failing clearly with nothing removed, and a second
+clean build of the pin in other directories giving the same bytes for every file in bin/.
 
-Cold, on 2 cores, the llama-server build takes about 26 minutes; warm (ccache) a few minutes.
+Cold, on 2 cores, the llama-server build takes about 26 minutes; warm (ccache) a few minutes. The
+reproducibility check adds a second build of the same size (its own ccache: cold once, then warm).
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from provision import config
+from provision import config, repro
 from provision.engine import CHANGED, FAILED, OK, Runner
 from provision.host import Host
 from provision.steps import build as step
@@ -157,3 +160,51 @@ def test_new_sha_rebuilds_then_back(built, sandbox):
     assert res.status == CHANGED, res.error
     _, res, _ = run(c, report_dir=reports)
     assert res.status == OK and res.changes == []
+
+
+# The second build's places: another clone, another build directory, both at other depths and lengths
+# than /opt/gpubox/src/llama.cpp and /opt/gpubox/build/llama.cpp.
+REPRO_SRC = "/srv/gpubox-repro/second-source-tree/llama.cpp"
+REPRO_BUILD = "/var/tmp/b"
+
+
+def test_second_clean_build_elsewhere_is_bit_identical(built, sandbox, capsys):
+    """Issue 15: the pin built again from a second clone into a second, emptied build directory
+    (`repro.check_build`, what `invoke build --check-reproducible` runs) gives the same bytes for every
+    file in bin/: the executable, each shared library, each symbolic link.
+
+    The second build has a ccache of its own (CCACHE_DIR=<persist>/ccache-repro, never shared with the
+    first build's), so that a warm CI run stays short. What each run proves:
+    - cold (first run, or after the cache is emptied or a compiler flag changes): two builds, every
+      object compiled twice, at different times, by different processes, in different directories,
+      give identical bytes: path independence AND run-to-run determinism of the compilers.
+    - warm: the objects of each side come from that side's own earlier compilation in its own
+      directory (ccache keys hold the command line, which names the directories, so a hit can never
+      hand one side's object to the other); linking, build-info and the stamp are redone. It proves
+      again that the two directories' objects are identical and that linking is deterministic; it does
+      NOT re-prove that today's compiler runs give the bytes the cached ones did (the cold run did).
+    `invoke build --check-reproducible` itself builds its second copy with no ccache at all."""
+    c, cfg, _, reports = built
+    t0 = time.monotonic()
+    same, text = repro.check_build(c, [TARGETS, f"report_dir={reports}"], extra_sets=[
+        f"build.src_dir={REPRO_SRC}", f"build.build_dir={REPRO_BUILD}", "build.ccache=true",
+        "build.ccache_dir=/var/cache/gpubox-persist/ccache-repro"], echo=lambda s: None)
+    seconds = time.monotonic() - t0
+    with capsys.disabled():
+        print(f"\n[repro] second build + comparison: {seconds:.0f} s\n{text}")
+    assert same, text
+    stamp_a = json.loads(sh(c, f"cat {cfg['build']['build_dir']}/{step.STAMP_FILE}"))
+    stamp_b = json.loads(sh(c, f"cat {REPRO_BUILD}/{step.STAMP_FILE}"))
+    assert stamp_a["files"] == stamp_b["files"] and stamp_a["links"] == stamp_b["links"]
+    names = set(stamp_b["files"])
+    assert "llama-server" in names and any(n.startswith("libllama.so") for n in names), names
+    assert any(n.startswith("libggml-base.so") for n in names) and any(n.startswith("libggml-cpu.so") for n in names)
+    assert f"{len(stamp_b['files']) + len(stamp_b['links'])} entries compared: every file identical" in text
+    # and neither build's real directories are named inside any file of bin/
+    for d in (cfg["build"]["src_dir"], cfg["build"]["build_dir"], REPRO_SRC, REPRO_BUILD):
+        found = sh(c, f"grep -rlF {d} {REPRO_BUILD}/bin {cfg['build']['build_dir']}/bin || true")
+        assert found == "", f"{d} is embedded in: {found}"
+    # the second build really ran in its own place, and the RPATH is $ORIGIN, not a directory
+    assert sh(c, f"git -C {REPRO_SRC} rev-parse HEAD") == sandbox.git_sha
+    dyn = sh(c, f"readelf -d {REPRO_BUILD}/bin/llama-server | grep -E 'RPATH|RUNPATH' || true")
+    assert "$ORIGIN" in dyn and "/var/tmp" not in dyn, dyn

@@ -85,3 +85,64 @@ def test_section_script_accounts_for_every_byte(tmp_path):
     o2.write_bytes(bytes(data))
     out2 = json.loads(subprocess.run(repro.sections_argv([str(o2)]), capture_output=True, text=True, check=True).stdout)
     assert repro.section_diff(secs, out2[str(o2)]) == ["(headers and padding)"]
+
+
+# --- the whole check, for real: gpubox's build step twice on a tiny CMake project -----------------------
+
+TINY_CMAKE = """cmake_minimum_required(VERSION 3.14)
+project(tiny C)
+set(CMAKE_RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
+set(CMAKE_LIBRARY_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
+add_library(where SHARED lib/where.c)
+add_executable(tiny main.c)
+target_link_libraries(tiny where)
+"""
+
+
+def _git(*args, cwd):
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def test_check_build_on_a_real_project_and_the_check_can_fail(tmp_path, capsys):
+    """Two clean builds of one commit by gpubox's build step (real git, cmake, ninja, gcc) in directories
+    of different lengths: every file of bin/ identical, although the code embeds __FILE__ and links a
+    shared library from bin/. Then the control: with the prefix maps overridden away (cmake_extra comes
+    last), the same check reports the executable and the library as different and names .rodata."""
+    from invoke import Context
+    origin = tmp_path / "origin"
+    (origin / "lib").mkdir(parents=True)
+    (origin / "CMakeLists.txt").write_text(TINY_CMAKE)
+    (origin / "lib" / "where.c").write_text('const char *where(void) { return __FILE__; }\n')
+    (origin / "main.c").write_text('#include <stdio.h>\nconst char *where(void);\n'
+                                   'int main(void) { puts(where()); puts(__FILE__); return 0; }\n')
+    _git("init", "-q", "-b", "main", cwd=origin)
+    _git("add", "-A", cwd=origin)
+    _git("commit", "-q", "-m", "tiny", cwd=origin)
+    sha = subprocess.check_output(["git", "-C", str(origin), "rev-parse", "HEAD"], text=True).strip()
+    sets = ["build.cuda=false", f"build.repo_url={origin}", f"build.sha={sha}", "build.targets=[tiny]",
+            f"build.src_dir={tmp_path}/s/src", f"build.build_dir={tmp_path}/b", "build.ccache=false",
+            f"state_dir={tmp_path}/state", f"report_dir={tmp_path}/reports"]
+    from provision import config
+    from provision.engine import Runner
+    from provision.host import Host
+    from provision.steps import build as step
+    c = Context()
+    report = Runner(Host(c), config.load(c, sets), [step], echo=lambda s: None).run()
+    assert not report.failed, report.steps[0].error
+    same, text = repro.check_build(c, sets, echo=lambda s: None)
+    assert same, text
+    assert "tiny  " in text and "libwhere.so  " in text and text.endswith("every file identical")
+    assert (tmp_path / "s" / "src-repro" / ".git").is_dir() and (tmp_path / "b-repro" / "bin" / "tiny").is_file()
+    run = subprocess.run([str(tmp_path / "b-repro" / "bin" / "tiny")], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["/gpubox/src/lib/where.c", "/gpubox/src/main.c"]   # and it finds its library
+    # the control: no prefix maps in either build -> the real, different paths are in the bytes
+    bare = [*sets, "build.cmake_extra=[CMAKE_C_FLAGS=]"]
+    report = Runner(Host(c), config.load(c, bare), [step], echo=lambda s: None).run()
+    assert not report.failed, report.steps[0].error
+    same, text = repro.check_build(c, bare, echo=lambda s: None)
+    assert not same
+    lines = text.splitlines()
+    for name in ("tiny", "libwhere.so"):
+        i = next(i for i, ln in enumerate(lines) if ln.strip().startswith(name + " "))
+        assert "different" in lines[i], text
+        assert any(".rodata" in ln for ln in lines[i + 1:i + 6]), text
