@@ -203,11 +203,12 @@ def compare_dirs(dir_a: str, dir_b: str, run=_local) -> tuple[bool, str]:
     return not differs(rows), report(rows, dir_a, dir_b, secs)
 
 
-def second_build_sets(src_dir: str, build_dir: str) -> list[str]:
+def second_build_sets(src_dir: str, build_dir: str, state_dir: str) -> list[str]:
     """--set values for the check's second build: a second clone and build directory beside the first
-    (the names differ in length too), and no ccache, so every object is compiled by this build."""
+    (the names differ in length too), no ccache, so every object is compiled by this build, and a state
+    directory of its own, so that the box's lock keeps describing the first build."""
     return [f"build.src_dir={src_dir.rstrip('/')}-repro", f"build.build_dir={build_dir.rstrip('/')}-repro",
-            "build.ccache=false"]
+            "build.ccache=false", f"state_dir={state_dir.rstrip('/')}/repro"]
 
 
 def check_build(c, sets=(), extra_sets=(), echo=print) -> tuple[bool, str]:
@@ -220,7 +221,8 @@ def check_build(c, sets=(), extra_sets=(), echo=print) -> tuple[bool, str]:
     from .steps import build as step
 
     cfg_a = config.load(c, list(sets))
-    second = [*second_build_sets(cfg_a["build"]["src_dir"], cfg_a["build"]["build_dir"]), *extra_sets]
+    second = [*second_build_sets(cfg_a["build"]["src_dir"], cfg_a["build"]["build_dir"], cfg_a["state_dir"]),
+              *extra_sets]
     cfg_b = config.load(c, [*sets, *second])
     host = Host(c)
     facts = factmod.gather(host, cfg_b, [])

@@ -133,6 +133,10 @@ def test_check_build_on_a_real_project_and_the_check_can_fail(tmp_path, capsys):
     assert same, text
     assert "tiny  " in text and "libwhere.so  " in text and text.endswith("every file identical")
     assert (tmp_path / "s" / "src-repro" / ".git").is_dir() and (tmp_path / "b-repro" / "bin" / "tiny").is_file()
+    # the box's lock still describes the first build; the second has its own
+    lock = json.loads((tmp_path / "state" / "gpubox.lock.json").read_text())
+    assert lock["build"]["build_dir"] == f"{tmp_path}/b"
+    assert json.loads((tmp_path / "state" / "repro" / "gpubox.lock.json").read_text())["build"]["build_dir"] == f"{tmp_path}/b-repro"
     run = subprocess.run([str(tmp_path / "b-repro" / "bin" / "tiny")], capture_output=True, text=True, check=True)
     assert run.stdout.split() == ["/gpubox/src/lib/where.c", "/gpubox/src/main.c"]   # and it finds its library
     # the control: no prefix maps in either build -> the real, different paths are in the bytes
