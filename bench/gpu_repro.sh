@@ -11,6 +11,7 @@
 # Usage: bench/gpu_repro.sh SRC_GIT SHA
 #   SRC_GIT  a git repository (path or file:// URL) holding SHA, e.g. the fork's post-sync checkout
 #   SHA      the full 40-hex commit to build
+#        bench/gpu_repro.sh --compare BIN_A BIN_B   (only the comparison, of two existing bin/ directories)
 # Env: OUT (default .gpu/out-repro), GPUBOX_GPU_WORK (default /tmp/gpubox-repro: the builds go there),
 #      NVCC (default /usr/local/cuda/bin/nvcc), HOSTCXX (default the machine's g++),
 #      TARGETS (default "[llama-server, llama-fit-params]"), SERIAL=1 to build one after the other with
@@ -20,11 +21,18 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
-[ $# -eq 2 ] || { sed -n '2,22p' "$0" >&2; exit 2; }
-src_git=$1
-sha=$2
-[[ "$sha" =~ ^[0-9a-f]{40}$ ]] || { echo "SHA must be a full 40-hex commit, got: $sha" >&2; exit 2; }
-git -C "${src_git#file://}" cat-file -e "$sha^{commit}" 2>/dev/null || { echo "$sha is not a commit in $src_git" >&2; exit 2; }
+usage() { sed -n '2,24p' "$0" >&2; exit 2; }
+compare_only=0
+if [ "${1:-}" = --compare ]; then
+  [ $# -eq 3 ] || usage
+  compare_only=1; bin_a=$(cd "$2" && pwd); bin_b=$(cd "$3" && pwd)
+else
+  [ $# -eq 2 ] || usage
+  src_git=$1
+  sha=$2
+  [[ "$sha" =~ ^[0-9a-f]{40}$ ]] || { echo "SHA must be a full 40-hex commit, got: $sha" >&2; exit 2; }
+  git -C "${src_git#file://}" cat-file -e "$sha^{commit}" 2>/dev/null || { echo "$sha is not a commit in $src_git" >&2; exit 2; }
+fi
 OUT=${OUT:-$here/.gpu/out-repro}
 work=${GPUBOX_GPU_WORK:-/tmp/gpubox-repro}
 mkdir -p "$OUT"
@@ -39,6 +47,7 @@ if ! python3 -c 'import invoke, yaml, jinja2' 2>/dev/null; then
 fi
 python3 -c 'import invoke; print("python", __import__("sys").version.split()[0], "invoke", invoke.__version__)'
 
+if [ "$compare_only" = 0 ]; then
 # --- tools ------------------------------------------------------------------------------------------
 NVCC=${NVCC:-/usr/local/cuda/bin/nvcc}
 HOSTCXX=${HOSTCXX:-$(command -v g++)}
@@ -94,11 +103,14 @@ done
 cp "$bld_a/gpubox-stamp.json" "$OUT/stamp-a.json"
 cp "$bld_b/gpubox-stamp.json" "$OUT/stamp-b.json"
 grep -h "Using CMAKE_CUDA_ARCHITECTURES" "$OUT"/reports-a/*/build.log 2>/dev/null | head -n1 || true
-"$bld_a/bin/llama-server" --version 2>&1 | head -n2 || true
+if [ -x "$bld_a/bin/llama-server" ]; then "$bld_a/bin/llama-server" --version 2>&1 | head -n2 || true; fi
+bin_a=$bld_a/bin; bin_b=$bld_b/bin
+
+fi
 
 # --- the comparison ---------------------------------------------------------------------------------
 set +e
-python3 -m provision.repro compare "$bld_a/bin" "$bld_b/bin" | tee "$OUT/compare.txt"
+python3 -m provision.repro compare "$bin_a" "$bin_b" | tee "$OUT/compare.txt"
 same=${PIPESTATUS[0]}
 [ "$same" -le 1 ] || { echo "the comparison itself failed (exit $same)" >&2; exit 2; }
 
@@ -112,26 +124,26 @@ for f in "${differing[@]}"; do
   log "--- $f: what differs"
   if command -v readelf >/dev/null; then
     # Section sizes side by side (the section list above says which contents differ).
-    if diff <(readelf -SW "$bld_a/bin/$f" | sed -n 's/^ *\[ *[0-9]*\] //p' | awk '{print $1, $5}') \
-            <(readelf -SW "$bld_b/bin/$f" | sed -n 's/^ *\[ *[0-9]*\] //p' | awk '{print $1, $5}') > "$d/sections.diff"; then
+    if diff <(readelf -SW "$bin_a/$f" | sed -n 's/^ *\[ *[0-9]*\] //p' | awk '{print $1, $5}') \
+            <(readelf -SW "$bin_b/$f" | sed -n 's/^ *\[ *[0-9]*\] //p' | awk '{print $1, $5}') > "$d/sections.diff"; then
       log "section sizes: all equal"
     else
       log "section sizes differ:"; head -n 20 "$d/sections.diff"
     fi
     # Symbols: names that only one side has (temp-file names, anonymous-namespace hashes show up here).
-    diff <(readelf -sW "$bld_a/bin/$f" | awk 'NR>3 {print $8}' | sort -u) \
-         <(readelf -sW "$bld_b/bin/$f" | awk 'NR>3 {print $8}' | sort -u) > "$d/symbols.diff"
+    diff <(readelf -sW "$bin_a/$f" | awk 'NR>3 {print $8}' | sort -u) \
+         <(readelf -sW "$bin_b/$f" | awk 'NR>3 {print $8}' | sort -u) > "$d/symbols.diff"
     log "symbol names only in a / only in b: $(grep -c '^<' "$d/symbols.diff") / $(grep -c '^>' "$d/symbols.diff")"
     grep -E '^[<>]' "$d/symbols.diff" | head -n 12
   fi
-  diff <(strings -a -n 8 "$bld_a/bin/$f" | sort -u) <(strings -a -n 8 "$bld_b/bin/$f" | sort -u) > "$d/strings.diff"
+  diff <(strings -a -n 8 "$bin_a/$f" | sort -u) <(strings -a -n 8 "$bin_b/$f" | sort -u) > "$d/strings.diff"
   log "strings only in a / only in b: $(grep -c '^<' "$d/strings.diff") / $(grep -c '^>' "$d/strings.diff")"
   grep -E '^[<>]' "$d/strings.diff" | cut -c1-200 | head -n 12
-  if command -v cuobjdump >/dev/null && readelf -SW "$bld_a/bin/$f" 2>/dev/null | grep -q '\.nv_fatbin'; then
+  if command -v cuobjdump >/dev/null && readelf -SW "$bin_a/$f" 2>/dev/null | grep -q '\.nv_fatbin'; then
     # The embedded CUDA images (one cubin per architecture and translation unit, PTX too): which differ.
     for x in a b; do
       mkdir -p "$d/cubin-$x"
-      bin=$([ $x = a ] && echo "$bld_a" || echo "$bld_b")/bin/$f
+      bin=$([ $x = a ] && echo "$bin_a" || echo "$bin_b")/$f
       (cd "$d/cubin-$x" && cuobjdump -xelf all "$bin" >/dev/null 2>&1; cuobjdump -xptx all "$bin" >/dev/null 2>&1; true)
       (cd "$d/cubin-$x" && find . -type f -print0 | sort -z | xargs -0 -r sha256sum) > "$d/cubins-$x.sha256"
     done
@@ -150,6 +162,11 @@ for f in "${differing[@]}"; do
 done
 
 n_files=$(grep -cE '^  \S+ +(identical|different|only-a|only-b) ' "$OUT/compare.txt" || true)
-log "figures: build a $(cat "$OUT/seconds-a") s, build b $(cat "$OUT/seconds-b") s ($jobs jobs each); $n_files entries compared; $([ "$same" = 0 ] && echo 'every file identical' || echo "${#differing[@]} regular files differ: ${differing[*]}")"
-log "total $(( $(date +%s) - t_start )) s; builds left in $work"
+verdict="$n_files entries compared; $([ "$same" = 0 ] && echo 'every file identical' || echo "${#differing[@]} regular files differ: ${differing[*]}")"
+if [ "$compare_only" = 0 ]; then
+  log "figures: build a $(cat "$OUT/seconds-a") s, build b $(cat "$OUT/seconds-b") s ($jobs jobs each); $verdict"
+  log "total $(( $(date +%s) - t_start )) s; builds left in $work"
+else
+  log "$verdict"
+fi
 exit "$same"
