@@ -203,36 +203,48 @@ def compare_dirs(dir_a: str, dir_b: str, run=_local) -> tuple[bool, str]:
     return not differs(rows), report(rows, dir_a, dir_b, secs)
 
 
-def second_build_sets(src_dir: str, build_dir: str, state_dir: str) -> list[str]:
-    """--set values for the check's second build: a second clone and build directory beside the first
-    (the names differ in length too), no ccache, so every object is compiled by this build, and a state
-    directory of its own, so that the box's lock keeps describing the first build."""
-    return [f"build.src_dir={src_dir.rstrip('/')}-repro", f"build.build_dir={build_dir.rstrip('/')}-repro",
+def second_build_sets(src_dir: str, build_dir: str, state_dir: str, *, cuda: bool) -> list[str]:
+    """--set values for the check's second build: a second build directory beside the first (the name
+    differs in length too), no ccache, so every object is compiled by this build, and a state directory
+    of its own, so that the box's lock keeps describing the first build. A CPU build also gets a second
+    clone; a CUDA build reuses the first tree, because nvcc names anonymous-namespace and internal device
+    code after the source file's real path (docs/reproducible-builds.md): another tree would differ in
+    libggml-cuda for that known reason and hide any other.
+
+    >>> second_build_sets("/s", "/b/", "/v", cuda=False)
+    ['build.src_dir=/s-repro', 'build.build_dir=/b-repro', 'build.ccache=false', 'state_dir=/v/repro']
+    >>> second_build_sets("/s", "/b", "/v", cuda=True)[0]
+    'build.src_dir=/s'
+    """
+    src = src_dir.rstrip("/") + ("" if cuda else "-repro")
+    return [f"build.src_dir={src}", f"build.build_dir={build_dir.rstrip('/')}-repro",
             "build.ccache=false", f"state_dir={state_dir.rstrip('/')}/repro"]
 
 
 def check_build(c, sets=(), extra_sets=(), echo=print) -> tuple[bool, str]:
     """`invoke build --check-reproducible` after the first build: the build step again into a second,
-    freshly emptied directory from a second clone of build.repo_url (second_build_sets, then
-    `extra_sets`), then bin/ of both compared file by file on the host. (identical, report)."""
+    freshly emptied directory (from a second clone of build.repo_url for a CPU build; second_build_sets,
+    then `extra_sets`), then bin/ of both compared file by file on the host. (identical, report)."""
     from . import config, facts as factmod
     from .engine import Runner
     from .host import Host
     from .steps import build as step
 
     cfg_a = config.load(c, list(sets))
-    second = [*second_build_sets(cfg_a["build"]["src_dir"], cfg_a["build"]["build_dir"], cfg_a["state_dir"]),
-              *extra_sets]
+    b = cfg_a["build"]
+    second = [*second_build_sets(b["src_dir"], b["build_dir"], cfg_a["state_dir"], cuda=b["cuda"]), *extra_sets]
     cfg_b = config.load(c, [*sets, *second])
     host = Host(c)
     facts = factmod.gather(host, cfg_b, [])
     (src_a, bld_a), (src_b, bld_b) = step.dirs(facts, cfg_a), step.dirs(facts, cfg_b)
-    if len({src_a.rstrip("/"), bld_a.rstrip("/"), src_b.rstrip("/"), bld_b.rstrip("/")}) < 4 or bld_b.rstrip("/") in ("", "/"):
-        raise ValueError(f"the second build needs its own source and build directories: a={src_a}, {bld_a}; b={src_b}, {bld_b}")
+    if bld_b.rstrip("/") in ("", "/", bld_a.rstrip("/"), src_a.rstrip("/"), src_b.rstrip("/")):
+        raise ValueError(f"the second build needs a build directory of its own: a={src_a}, {bld_a}; b={src_b}, {bld_b}")
     p = step.plan(facts, cfg_b)
     # A clean second build every time: a build directory left from an earlier check would be "done".
     host.run(step._argv(p, ["rm", "-rf", "--", bld_b]))
-    echo(f"[repro] second build: source {src_b}, build {bld_b}" + ("" if cfg_b["build"]["ccache"] else ", no ccache"))
+    echo(f"[repro] second build: source {src_b}" + (" (the same tree: nvcc names device code after its path)"
+                                                     if src_b == src_a else "")
+         + f", build {bld_b}" + ("" if cfg_b["build"]["ccache"] else ", no ccache"))
     report = Runner(host, cfg_b, [step], echo=echo).run()
     if report.failed:
         res = report.steps[0]

@@ -63,9 +63,9 @@ def build_task(i: int, step):
     """`invoke build`: the build step task, with --check-reproducible (issue 15)."""
     one = step_task(i, step)
 
-    @task(name=step.NAME, help={**one.help, "check-reproducible": "then build the same pin again from a second "
-                                "clone into a second, emptied directory (<dir>-repro, no ccache) and compare "
-                                "bin/ file by file; exit 1 if a file differs"}, iterable=["set"])
+    @task(name=step.NAME, help={**one.help, "check-reproducible": "then build the same pin again into a second, "
+                                "emptied directory (<build_dir>-repro, no ccache; a CPU build from a second clone) "
+                                "and compare bin/ file by file; exit 1 if a file differs"}, iterable=["set"])
     def build(c, plan=False, set=None, check_reproducible=False):
         one.body(c, plan=plan, set=set)
         if check_reproducible and not plan:
