@@ -577,6 +577,10 @@ def _toolchain_notes(facts: dict, cfg: dict, p: dict, info: dict) -> tuple[list[
                              f"build.host_compiler={b['host_compiler'] or '(step 3)'}")
         if p["arch"] != "native" and str(b["cuda_architectures"]) == "native":
             warnings.append(p["arch_why"])
+        if "," in p["src"] + p["build"]:
+            warnings.append(f"{p['src']} or {p['build']} holds a comma: nvcc's -Xcompiler splits on commas, so "
+                            "the host compiler's prefix maps are cut and CUDA objects may name the real paths "
+                            "(choose build.src_dir/build.build_dir without commas)")
         if not f.get("nvcc_version"):
             attention.append(f"nvcc not found at {tc['nvcc']}: run step cuda, or set build.nvcc")
         if not f.get("cxx_version"):

@@ -629,6 +629,9 @@ def test_cuda_flags_map_the_host_compiler_and_use_objtemp_only_when_nvcc_has_it(
                                      "-Xcompiler=-ffile-prefix-map=/opt/gpubox/build/llama.cpp=/gpubox/build -objtemp")
     assert "-objtemp" not in flags(facts_with(gpus=[GTX1080], nvcc_objtemp=False), cfg)["CMAKE_CUDA_FLAGS"]
     assert all(why for _, why in build.cmake_flags(facts_with(gpus=[GTX1080], nvcc_objtemp=True), cfg))
+    comma = cfg_with("build.src_dir=/opt/a,b/src")
+    assert any("comma" in w for w in build.check(facts_with(gpus=[GTX1080]), comma).warnings)
+    assert not any("comma" in w for w in build.check(facts_with(gpus=[GTX1080]), cfg).warnings)
     # the fact says whether this nvcc knows the option
     assert build.parse_fact("nvcc_objtemp=yes\n", 0)["nvcc_objtemp"] is True
     assert build.parse_fact("", 0)["nvcc_objtemp"] is False
