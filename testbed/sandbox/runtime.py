@@ -79,7 +79,7 @@ class Info:
     def gpubox_config(self, report_dir: str | Path) -> dict:
         """The validated gpubox config a run against the sandbox uses: defaults, the sandbox's overrides on
         top (one level deep, as Invoke merges them), and the given report_dir."""
-        from .. import config
+        from provision import config
         raw = config.defaults()["gpubox"]
         for k, v in (self.overrides().get("gpubox") or {}).items():
             if isinstance(v, dict) and isinstance(raw.get(k), dict):

@@ -84,7 +84,7 @@ def test_two_provision_runs_at_once(sandbox, reset_sandbox, tmp_path):
         assert b.returncode == 75, b.stdout + b.stderr
         assert time.monotonic() - t0 < 60
         err = b.stdout + b.stderr
-        assert "another gpubox run holds /var/lib/gpubox/gpubox.run.lock" in err and "provision from " in err, err
+        assert "another gpubox run holds /var/lib/gpubox/gpubox.run.lock" in err and f"{ONLY} from " in err, err
         assert "--set lock_wait=" in err
         assert not rd["B"].exists()
         # C: waits for A, then goes on
