@@ -107,10 +107,11 @@ def test_two_provision_runs_at_once(sandbox, reset_sandbox, tmp_path):
     assert ssh(sandbox, f"cat {cfg['cuda']['profile_snippet']}") == cuda.profile_text(cfg)
     links = ssh(sandbox, f"readlink {cfg['compiler']['shim_dir']}/gcc {cfg['compiler']['shim_dir']}/g++").split()
     assert links == list(compiler.targets(cfg).values())
-    # no temporary file or directory of gpubox's writers anywhere it wrote
+    # no temporary file or directory of gpubox's writers anywhere it wrote (Host.write_file's are
+    # `.<name>.gpubox-<16 hex>`; the real /etc/profile.d/gpubox-cuda.sh must not count)
     left = ssh(sandbox, "ls -a /etc/yum.repos.d /etc/profile.d /var/lib/gpubox /var/lib/gpubox/shims "
-                        f"{cfg['cuda']['prefix']}/targets/x86_64-linux/include/crt | grep -c 'gpubox-[0-9a-f]\\|gpubox-tmp\\|gpubox-new' || true")
+                        f"{cfg['cuda']['prefix']}/targets/x86_64-linux/include/crt | grep -c '^\\..*\\.gpubox-[0-9a-f]\\{{16\\}}$\\|gpubox-tmp\\|gpubox-new' || true")
     assert left.strip() == "0"
     # the lock file names the last holder (C) and nobody holds it now
-    assert ssh(sandbox, "head -n 1 /var/lib/gpubox/gpubox.run.lock").startswith("provision from ")
+    assert ssh(sandbox, "head -n 1 /var/lib/gpubox/gpubox.run.lock").startswith(f"{ONLY} from ")
     assert ssh(sandbox, "flock -n /var/lib/gpubox/gpubox.run.lock echo free").strip() == "free"
