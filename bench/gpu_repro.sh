@@ -47,9 +47,11 @@ t_start=$(date +%s)
 
 # --- Python: invoke, fabric, jinja2, pyyaml from the carried wheels (as bench/gpu_build.sh) -------------
 export PYTHONPATH=/tmp/site:$here${PYTHONPATH:+:$PYTHONPATH}
-if ! python3 -c 'import invoke, yaml, jinja2' 2>/dev/null; then
-  ls .whl/*.whl >/dev/null 2>&1 || { echo "no invoke/yaml/jinja2 and no wheels in .whl/" >&2; exit 2; }
+# The check imports gpubox's own task module, so whatever it needs (invoke, yaml, jinja2, pydantic, ...) is there.
+if ! python3 -c 'import invoke, provision.tasks' 2>/dev/null; then
+  ls .whl/*.whl >/dev/null 2>&1 || { echo "provision.tasks does not import and there are no wheels in .whl/" >&2; exit 2; }
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  python3 -c 'import invoke, provision.tasks' || { echo "provision.tasks still does not import: a wheel is missing from .whl/" >&2; exit 2; }
 fi
 python3 -c 'import invoke; print("python", __import__("sys").version.split()[0], "invoke", invoke.__version__)'
 
