@@ -483,12 +483,23 @@ def info(p: Paths | None = None) -> Info | None:
     return _info_from_state(p, st) if st.get("ssh_config") else None
 
 
+def _in_netns(pid: int) -> bool:
+    """Is the process in the sandbox's network namespace (not another one of the same name's past)?"""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{T.netns}").st_ino
+    except OSError:
+        return False
+
+
 def running(p: Paths | None = None) -> bool:
-    """True when state.json's target and HF server are alive and sshd answers."""
+    """True when state.json's target (nspawn, and its systemd in the sandbox's network namespace) and HF server
+    are alive and sshd answers."""
     p = p or Paths.default()
     st = _state(p)
     pids = st.get("pids") or {}
     if not pids.get("target") or not _alive(pids["target"]) or not netns_exists():
+        return False
+    if not pids.get("init") or not _alive(pids["init"]) or not _in_netns(pids["init"]):
         return False
     if pids.get("hfserver") and not _alive(pids["hfserver"]):
         return False
