@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -299,11 +300,16 @@ def pid_alive(host, pid: int | str) -> bool:
     return host.ok(["kill", "-0", str(pid)], root=True)
 
 
-def read_log(host, cfg: dict, facts: dict, *, last: bool = True, tail_bytes: int = 4_000_000) -> str:
+def read_log(host, cfg: dict, facts: dict, *, last: bool = True, tail_bytes: int = 4_000_000,
+             settle: bool = False) -> str:
     """The server's log: on systemd hosts the journal of the unit's current invocation (`last`) or all of the
-    unit's journal; else the supervisor's log file after the last start marker (`last`) or all of it."""
+    unit's journal; else the supervisor's log file after the last start marker (`last`) or all of it.
+    `settle`: the server has just died; give journald a moment to read what it wrote last (it reads the
+    service's output stream asynchronously)."""
     from .logparse import last_run
     if mode_of(facts) == "systemd":
+        if settle:
+            time.sleep(0.5)
         inv = unit_show(host, ("InvocationID",)).get("InvocationID", "") if last else ""
         match = [f"_SYSTEMD_INVOCATION_ID={inv}"] if inv else ["-u", UNIT_NAME]
         r = host.run(cmd(["journalctl", "--no-pager", "-o", "cat", *match]) + sh(" | tail -c {n}", n=tail_bytes),

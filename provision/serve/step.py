@@ -19,7 +19,7 @@ from ..facts import UNKNOWN, Fact, qpath
 from ..host import expand_home
 from .. import ggufhead, remote
 from ..tune import state as tune_state
-from . import helptext, pair, render, service, smoke
+from . import helptext, logparse, pair, render, service, smoke
 
 MTP_SPECS = ("mtp", "draft-mtp")
 
@@ -283,14 +283,26 @@ def apply(host, facts: dict, cfg: dict, chk: Check, echo=print):
     echo(f"[serve] {how}")
     # The new server's pid (the unit's MainPID or the supervisor's pid file).
     lay = service.layout(cfg, _home(facts))
-    if service.mode_of(facts) == "systemd":
+    systemd = service.mode_of(facts) == "systemd"
+    if systemd:
         pid = service.main_pid(host)
+        if pid is None:
+            # It died before its pid could be read (a bad model fails in milliseconds): the unit is already in
+            # auto-restart or failed. Report it as wait_ready would, with the log of that start.
+            u = service.unit_show(host, ("ActiveState", "SubState", "Result", "ExecMainStatus"))
+            lines = logparse.explain_exit(service.read_log(host, cfg, facts, settle=True))
+            service.stop(host, cfg, facts)
+            raise smoke.ServerExited(
+                f"serve: llama-server exited during load right after its start ({service.UNIT_NAME}: "
+                f"{u.get('ActiveState')} ({u.get('SubState')}), result {u.get('Result')}, exit status "
+                f"{u.get('ExecMainStatus')})", "read the log lines below; `invoke doctor` turns them into a fix",
+                output="\n".join(lines))
     else:
         out = host.run(["cat", lay.server_pid], root=True, check=False).stdout.strip()
         pid = out if out and out != "0" else None
     try:
         ready = smoke.wait_ready(host, cfg["serve"], pid=pid, timeout=cfg["serve"]["ready_timeout"],
-                                 read_log=lambda: service.read_log(host, cfg, facts), echo=echo)
+                                 read_log=lambda: service.read_log(host, cfg, facts, settle=systemd), echo=echo)
     except StepError:
         # Do not leave a restart loop behind a server that cannot load: stop it, report the log lines.
         service.stop(host, cfg, facts)

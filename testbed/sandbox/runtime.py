@@ -616,7 +616,8 @@ def leftovers(p: Paths | None = None) -> list[str]:
     if _run(["ip", "link", "show", T.host_if], check=False).returncode == 0:
         left.append(f"veth {T.host_if}")
     with open("/proc/self/mountinfo") as fh:
-        left += [f"mount {l.split()[4]}" for l in fh if str(p.root) in l or f"/run/netns/{T.netns}" in l]
+        left += [f"mount {l.split()[4]}" for l in fh
+                 if str(p.root) in l or l.split()[4] == f"/run/netns/{T.netns}"]
     left += [f"nspawn leftover {x}" for x in _nspawn_leftovers()]
     for pid in (_state(p).get("pids") or {}).values():
         if pid and _alive(pid):

@@ -229,10 +229,11 @@ def _leftovers(pids: dict, paths) -> list[str]:
     if subprocess.run(["ip", "link", "show", TARGET.host_if], capture_output=True).returncode == 0:
         left.append(f"veth {TARGET.host_if}")
     with open("/proc/self/mountinfo") as fh:
-        left += [f"mount {l.split()[4]}" for l in fh if str(paths.root) in l or f"/run/netns/{NETNS}" in l]
+        left += [f"mount {l.split()[4]}" for l in fh
+                 if str(paths.root) in l or l.split()[4] == f"/run/netns/{NETNS}"]
     ps = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
     for line in ps.splitlines():
-        if (str(paths.root) in line or "systemd-nspawn" in line) and " Z" not in line:
+        if (str(paths.root) in line or f"--machine={TARGET.name}" in line) and " Z" not in line:
             left.append("process " + line.strip())
     for hier in ("systemd", "unified", ""):
         cg = Path("/sys/fs/cgroup", hier, TARGET.cgroup)
