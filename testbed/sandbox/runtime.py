@@ -399,7 +399,7 @@ def _stop_target(nspawn_pid: int | None, log=_log_default) -> list[str]:
         _kill(nspawn_pid, signal.SIGTERM, wait=STOP_TIMEOUT)
         if _alive(nspawn_pid):
             _kill(nspawn_pid, signal.SIGKILL)
-            done.append(f"killed systemd-nspawn (pid {nspawn_pid}): no power-off within {STOP_TIMEOUT}s")
+            done.append(f"killed the target (pid {nspawn_pid}): it did not stop within {STOP_TIMEOUT}s of SIGTERM")
         else:
             done.append(f"powered off the target (systemd-nspawn pid {nspawn_pid}) in {time.monotonic() - t0:.1f}s")
     roots = cgroup_roots() if CGROUP_FS.is_dir() else []
