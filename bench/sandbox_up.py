@@ -6,8 +6,9 @@
 
 Cold: a scratch GPUBOX_CACHE with only the downloads copied in (debootstrap's .debs, the wheels, the
 sdist), as CI with its download cache: debootstrap, fixture RPMs, pristine layer, git mirror, HF content,
-start. Warm: the cache is built and the sandbox is down; `up` starts it (target: <= 5 s). Also: `up`
-while up, `reset`, `down`. Needs root; holds <cache>/sandbox.lock (the sandbox is a single shared one),
+start. Warm: the cache is built and the sandbox is down; `up` boots its systemd under systemd-nspawn and
+waits for sshd and `systemctl is-system-running` (target: <= 5 s). Also: `up` while up, `reset`, `down`, and
+what `down` left behind (runtime.leftovers: processes, mounts, cgroups, namespaces). Needs root; holds <cache>/sandbox.lock (the sandbox is a single shared one),
 and leaves the sandbox up or down as it found it.
 """
 
@@ -81,6 +82,8 @@ def main() -> int:
         print(f"up while up (health check only):     {fmt(again)}")
         print(f"reset to pristine:                   {fmt(reset)}")
         print(f"down:                                {fmt(down)}")
+        left = runtime.leftovers(p)
+        print(f"left after down:                     {'nothing' if not left else '; '.join(left)}")
     finally:
         if was_up:
             runtime.up(p, log=quiet)

@@ -3,22 +3,27 @@
 Files (all from templates/, under <state_dir>/serve/ unless said):
 
     llama-server.sh             launch script: sources the env file, raises the memlock limit, writes a start
-                                marker into the log, then `exec`s the rendered command (so its pid IS the server)
+                                marker, then `exec`s the rendered command (so its pid IS the server)
     llama-server.env            LD_LIBRARY_PATH (build dir, CUDA lib64)
-    llama-server.log            stdout+stderr of every start (the unit appends to it; so does the supervisor)
-    /etc/systemd/system/gpubox-llama-server.service   (systemd hosts) LimitMEMLOCK=infinity, Restart=on-failure
-    llama-server-supervise.sh   (no systemd, e.g. the sandbox chroot) a bash loop started with setsid that runs
-                                the same launch script with the same log file and restarts it on failure;
-                                supervisor.pid / llama-server.pid name the processes
+    /etc/systemd/system/llama-server.service   (systemd hosts) Restart=on-failure, LimitMEMLOCK=infinity and,
+                                with --mlock, AmbientCapabilities=CAP_IPC_LOCK; output to the journal
+    llama-server.log            (no systemd) stdout+stderr of every start, appended by the supervisor
+    llama-server-supervise.sh   (no systemd, e.g. the GPU machine here) a bash loop started with setsid that runs
+                                the same launch script and restarts it on failure; supervisor.pid /
+                                llama-server.pid name the processes
 
-The running server is identified by pid (unit MainPID, or llama-server.pid) and compared with the wanted
-command through /proc/PID/cmdline: same command = nothing to do; different = restart.
+The running server is identified by pid (the unit's MainPID, or llama-server.pid) and compared with the wanted
+command through /proc/PID/cmdline: same command = nothing to do; different = restart. On systemd hosts the
+unit's state comes from `systemctl show` and the log of the current start from the journal
+(`journalctl _SYSTEMD_INVOCATION_ID=<the unit's InvocationID>`): a restart, by gpubox or by systemd after a
+crash, starts a new invocation. How --mlock is made to hold, and how it is checked: docs/systemd.md.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +36,12 @@ from . import unitfile
 from .logparse import START_MARKER
 
 TEMPLATES = resources.TEMPLATES
-UNIT_NAME = "gpubox-llama-server.service"
+UNIT_NAME = "llama-server.service"
 UNIT_PATH = f"/etc/systemd/system/{UNIT_NAME}"
+# What `systemctl show` is asked for (facts, `serve.status`).
+UNIT_PROPS = ("ActiveState", "SubState", "Result", "MainPID", "NRestarts", "InvocationID", "UnitFileState",
+              "NeedDaemonReload", "LimitMEMLOCK", "ExecMainStartTimestamp")
+MLOCK_WARNING = "failed to mlock"      # llama.cpp's warning when mlock() fails (llama-mmap.cpp)
 
 
 def render_template(name: str, **values: Any) -> str:
@@ -97,7 +106,7 @@ def files(cfg: dict, facts: dict, rendered, *, model_name: str = "") -> dict[str
             out[lay.unit] = render_template(
                 "llama-server.service.j2", model_name=unitfile.text_value(model_name or "the model"), user=user,
                 group=user, env_file=unitfile.path_value(lay.env), launch_script=unitfile.exec_path(lay.launch),
-                log_file=unitfile.path_value(lay.log))
+                mlock=mlock, unit_name=UNIT_NAME)
         except unitfile.UnitValueError as e:
             raise StepError(f"serve: cannot write the systemd unit: {e}",
                             "choose a state_dir without quotes, backslashes or control characters") from None
@@ -139,15 +148,35 @@ def fact_snippet(cfg: dict) -> str:
     lines.append(f"[ -f {qpath(UNIT_PATH)} ] && kv file_unit \"$(sha256sum < {qpath(UNIT_PATH)} | cut -d' ' -f1)\"")
     lines.append('kv dir "$d"')
     lines.append(f'[ -s "$d/llama-server.log" ] && kv log_size "$(wc -c < "$d/llama-server.log")"')
-    # pid: the unit's MainPID on systemd hosts, else the supervisor's pid file
+    # pid: the unit's MainPID on systemd hosts (with the unit's state from `systemctl show`), else the
+    # supervisor's pid file.
     lines.append(
-        'pid=; if [ -d /run/systemd/system ]; then kv unit_active "$(systemctl is-active ' + UNIT_NAME + ' 2>/dev/null)"; '
-        'kv unit_enabled "$(systemctl is-enabled ' + UNIT_NAME + ' 2>/dev/null)"; '
-        'pid=$(systemctl show -p MainPID --value ' + UNIT_NAME + ' 2>/dev/null); [ "$pid" = 0 ] && pid=; fi; '
-        '[ -z "$pid" ] && [ -s "$d/llama-server.pid" ] && pid=$(cat "$d/llama-server.pid"); '
+        'pid=; inv=; if [ -d /run/systemd/system ]; then '
+        'while IFS== read -r k v; do [ -n "$k" ] || continue; kv "unit_$k" "$v"; '
+        'case $k in MainPID) [ "$v" != 0 ] && pid=$v;; InvocationID) inv=$v;; esac; '
+        'done < <(systemctl show ' + " ".join(f"-p {x}" for x in UNIT_PROPS) + ' ' + UNIT_NAME + ' 2>/dev/null); '
+        'else [ -s "$d/llama-server.pid" ] && pid=$(cat "$d/llama-server.pid"); fi; '
         '[ -s "$d/supervisor.pid" ] && sp=$(cat "$d/supervisor.pid") && kill -0 "$sp" 2>/dev/null && kv supervisor_pid "$sp"; '
         'if [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ]; then kv pid "$pid"; '
-        'kv cmdline "$(tr "\\0" "\\037" < "/proc/$pid/cmdline")"; fi')
+        'kv cmdline "$(tr "\\0" "\\037" < "/proc/$pid/cmdline")"; '
+        # --mlock: how much memory the server holds locked (smaps_rollup's Locked: resident locked pages; VmLck,
+        # the size of its locked mappings, where smaps is not readable) and its memlock limit
+        'l=$(awk \'/^Locked:/{print $2}\' "/proc/$pid/smaps_rollup" 2>/dev/null); '
+        '[ -n "$l" ] && kv locked_kb "$l" || kv locked_kb "$(awk \'/^VmLck:/{print $2}\' "/proc/$pid/status" 2>/dev/null)"; '
+        'kv memlock_limit "$(awk \'/^Max locked memory/{print $4 " " $5}\' "/proc/$pid/limits" 2>/dev/null)"; fi')
+    # From the log of the current start: llama.cpp's first mlock warning, and the MiB of the models' host-side
+    # buffers (what --mlock locks). The journal of the unit's invocation, or the supervisor's log after the
+    # last start marker.
+    scan = ("awk -v m=" + shlex.quote(START_MARKER) + " '"
+            'index($0, m) {w = ""; need = 0} '
+            f'index($0, "{MLOCK_WARNING}") && w == "" {{w = $0}} '
+            'match($0, /(CPU|CPU_Mapped|CPU_REPACK|CUDA_Host) model buffer size = *[0-9.]+ MiB/) '
+            '{s = substr($0, RSTART, RLENGTH); sub(/.*= */, "", s); sub(/ MiB/, "", s); need += s} '
+            "END {printf \"%s\\t%s\\n\", need, w}'")
+    lines.append(
+        'mw=; if [ -n "$inv" ]; then mw=$(journalctl --no-pager -o cat _SYSTEMD_INVOCATION_ID="$inv" 2>/dev/null | '
+        + scan + '); elif [ -s "$d/llama-server.log" ]; then mw=$(tail -c 4000000 "$d/llama-server.log" | ' + scan
+        + '); fi; if [ -n "$mw" ]; then kv mlock_need_mib "${mw%%$\'\\t\'*}"; kv mlock_warning "${mw#*$\'\\t\'}"; fi')
     lines.append(sh("if (exec 3<>/dev/tcp/{h}/{p}) 2>/dev/null; then kv port open; else kv port closed; fi", h=port_host, p=s["port"]))
     lines.append(sh("command -v ss >/dev/null && kv port_owner \"$(ss -Hltnp \"sport = :{p}\" 2>/dev/null | head -1)\"", p=s["port"]))
     bin_ = qpath(b + "/bin/llama-server")
@@ -186,7 +215,8 @@ def parse_fact(out: str, rc: int) -> dict[str, Any]:
 # --- control -----------------------------------------------------------------------------------------------
 
 def install(host, cfg: dict, facts: dict, wanted: dict[str, str]) -> list[str]:
-    """Write every wanted file that differs; returns the paths written."""
+    """Write every wanted file that differs; on systemd hosts daemon-reload when the unit file changed (or
+    systemd says it needs one) and enable the unit. Returns the paths written."""
     home = facts.get("home") if isinstance(facts.get("home"), str) else ""
     lay = layout(cfg, home)
     sf = facts.get("serve") or {}
@@ -201,11 +231,14 @@ def install(host, cfg: dict, facts: dict, wanted: dict[str, str]) -> list[str]:
         mode = "0755" if path.endswith(".sh") else "0644"
         host.write_file(path, content, mode=mode, root=True)
         written.append(path)
-    # The log must be writable by the server's user (the unit and the supervisor append to it).
-    host.run(sh("touch {log} && chown {u} {log}", log=lay.log, u=user), root=True)
-    if lay.unit in written:
-        host.run(["systemctl", "daemon-reload"], root=True)
-        host.run(["systemctl", "enable", UNIT_NAME], root=True)
+    if mode_of(facts) == "systemd":
+        if lay.unit in written or sf.get("unit_NeedDaemonReload") == "yes":
+            host.run(["systemctl", "daemon-reload"], root=True)
+        if lay.unit in written or sf.get("unit_UnitFileState") != "enabled":
+            host.run(["systemctl", "enable", UNIT_NAME], root=True)
+    else:
+        # The log must be writable by the server's user (the supervisor appends the server's output to it).
+        host.run(sh("touch {log} && chown {u} {log}", log=lay.log, u=user), root=True)
     return written
 
 
@@ -213,10 +246,13 @@ def start(host, cfg: dict, facts: dict, *, restart: bool = False) -> str:
     """Start (or restart) the server; returns a line saying how it runs."""
     home = facts.get("home") if isinstance(facts.get("home"), str) else ""
     lay = layout(cfg, home)
-    host.run(sh("printf '\\n' >> {log}", log=lay.log), root=True)
     if mode_of(facts) == "systemd":
+        # A unit that hit its start limit (5 failures in 5 min) refuses `start` until its failure is reset.
+        host.run(["systemctl", "reset-failed", UNIT_NAME], root=True, check=False)
         host.run(["systemctl", "restart" if restart else "start", UNIT_NAME], root=True)
-        return f"systemd unit {UNIT_NAME} ({'restarted' if restart else 'started'})"
+        return (f"systemd unit {UNIT_NAME} ({'restarted' if restart else 'started'}; enabled; "
+                f"log: journalctl -u {UNIT_NAME})")
+    host.run(sh("printf '\\n' >> {log}", log=lay.log), root=True)
     stop(host, cfg, facts)
     host.run(sh("setsid -f bash {s} < /dev/null > /dev/null 2>&1; "
                 "for i in $(seq 50); do [ -s {p} ] && exit 0; sleep 0.1; done; echo 'supervisor did not start' >&2; exit 1",
@@ -225,13 +261,31 @@ def start(host, cfg: dict, facts: dict, *, restart: bool = False) -> str:
             f"started with setsid; pid files in {lay.dir}; log {lay.log})")
 
 
+def main_pid(host) -> str | None:
+    """The unit's MainPID now (None when it has none)."""
+    out = host.run(["systemctl", "show", "-p", "MainPID", "--value", UNIT_NAME], check=False).stdout.strip()
+    return out if out and out != "0" else None
+
+
+def unit_show(host, props=UNIT_PROPS) -> dict[str, str]:
+    """`systemctl show -p ... llama-server.service` as a dict."""
+    r = host.run(["systemctl", "show", *[f"-p{p}" for p in props], UNIT_NAME], check=False)
+    out = {}
+    for line in (r.stdout or "").splitlines():
+        k, sep, v = line.partition("=")
+        if sep:
+            out[k] = v
+    return out
+
+
 def stop(host, cfg: dict, facts: dict, timeout: int = 30) -> bool:
     """Stop the server (unit, or supervisor + child). True when something was stopped."""
     home = facts.get("home") if isinstance(facts.get("home"), str) else ""
     lay = layout(cfg, home)
     if mode_of(facts) == "systemd":
-        r = host.run(["systemctl", "stop", UNIT_NAME], root=True, check=False)
-        return r.exited == 0
+        was = host.run(["systemctl", "is-active", UNIT_NAME], check=False).stdout.strip()
+        host.run(["systemctl", "stop", UNIT_NAME], root=True, check=False)
+        return was in ("active", "activating", "reloading", "deactivating")
     script = sh(
         "stopped=1; for f in {sp} {pp}; do [ -s \"$f\" ] || continue; p=$(cat \"$f\"); "
         "kill -0 \"$p\" 2>/dev/null || continue; kill -TERM \"$p\"; stopped=0; done; "
@@ -246,10 +300,24 @@ def pid_alive(host, pid: int | str) -> bool:
     return host.ok(["kill", "-0", str(pid)], root=True)
 
 
-def read_log(host, cfg: dict, facts: dict, *, last: bool = True, tail_bytes: int = 4_000_000) -> str:
+def read_log(host, cfg: dict, facts: dict, *, last: bool = True, tail_bytes: int = 4_000_000,
+             settle: bool = False) -> str:
+    """The server's log: on systemd hosts the journal of the unit's current invocation (`last`) or all of the
+    unit's journal; else the supervisor's log file after the last start marker (`last`) or all of it.
+    `settle`: the server has just died; give journald a moment to read what it wrote last (it reads the
+    service's output stream asynchronously)."""
+    from .logparse import last_run
+    if mode_of(facts) == "systemd":
+        if settle:
+            time.sleep(0.5)
+        inv = unit_show(host, ("InvocationID",)).get("InvocationID", "") if last else ""
+        match = [f"_SYSTEMD_INVOCATION_ID={inv}"] if inv else ["-u", UNIT_NAME]
+        r = host.run(cmd(["journalctl", "--no-pager", "-o", "cat", *match]) + sh(" | tail -c {n}", n=tail_bytes),
+                     root=True, check=False)
+        text = r.stdout or ""
+        return last_run(text) if last else text
     home = facts.get("home") if isinstance(facts.get("home"), str) else ""
     lay = layout(cfg, home)
     r = host.run(sh("[ -f {log} ] && tail -c {n} {log}", log=lay.log, n=tail_bytes), root=True, check=False)
     text = r.stdout or ""
-    from .logparse import last_run
     return last_run(text) if last else text

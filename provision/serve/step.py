@@ -19,7 +19,7 @@ from ..facts import UNKNOWN, Fact, qpath
 from ..host import expand_home
 from .. import ggufhead, remote
 from ..tune import state as tune_state
-from . import helptext, pair, render, service, smoke
+from . import helptext, logparse, pair, render, service, smoke
 
 MTP_SPECS = ("mtp", "draft-mtp")
 
@@ -174,6 +174,45 @@ def _port_of(argv: list[str]) -> str | None:
     return None
 
 
+def mlock_state(sf: dict, cfg: dict, mode: str) -> dict | None:
+    """With serve.mlock: did the running server really lock its memory? The kernel's answer (Locked in
+    /proc/PID/smaps_rollup: resident locked pages) against what --mlock locks (the models' host-side buffers,
+    from the log of this start), and llama.cpp's "failed to mlock" warning from that log. The warning alone
+    is not the verdict: llama.cpp also warns when the kernel locked the whole buffer and refused only the
+    page-rounded range past its end (seen in the sandbox, docs/systemd.md). None when --mlock is off."""
+    if not cfg["serve"].get("mlock") or not sf.get("pid"):
+        return None
+
+    def num(key: str) -> float:
+        try:
+            return float(sf.get(key) or 0)
+        except ValueError:
+            return 0.0
+    kb, need_kb = int(num("locked_kb")), int(num("mlock_need_mib") * 1024)
+    limit = sf.get("memlock_limit") or "unknown"
+    warning = (sf.get("mlock_warning") or "").strip()
+    state = {"locked_kb": kb, "need_kb": need_kb, "limit": limit, "warning": warning}
+    full = kb > 0 and (kb + 8 >= need_kb if need_kb else not warning)
+    if full:
+        line = f"--mlock: {kb / 1024:.1f} MiB locked in RAM (pid {sf['pid']}"
+        line += f"; the models' host buffers: {need_kb / 1024:.1f} MiB" if need_kb else ""
+        line += f"; memlock limit {limit})"
+        if warning:
+            line += f"; llama.cpp warned `{warning}`, yet the kernel holds all of it locked"
+        return {**state, "locked": True, "line": line}
+    how = ("the unit sets LimitMEMLOCK=infinity and AmbientCapabilities=CAP_IPC_LOCK; check that they hold: "
+           f"`systemctl show -p LimitMEMLOCK {service.UNIT_NAME}`, /proc/{sf['pid']}/limits, and that the "
+           "service manager has CAP_SYS_RESOURCE or CAP_IPC_LOCK to give (docs/systemd.md)") \
+        if mode == "systemd" else \
+        ("the supervisor raises the limit with `ulimit -l unlimited`, which needs root (or a memlock limit in "
+         "/etc/security/limits.conf)")
+    got = f"{kb / 1024:.1f} of {need_kb / 1024:.1f} MiB locked" if need_kb else f"{kb} kB locked"
+    why = f"{got}; log: {warning}" if warning else got
+    return {**state, "locked": False,
+            "line": f"--mlock: the model is NOT (fully) locked in RAM ({why}; memlock limit {limit} bytes "
+                    f"soft/hard): {how}; or set serve.mlock=false"}
+
+
 def check(facts: dict, cfg: dict) -> Check:
     r, files, sf = wanted(facts, cfg)
     lay = service.layout(cfg, _home(facts))
@@ -199,16 +238,32 @@ def check(facts: dict, cfg: dict) -> Check:
         raise StepError(f"serve: port {port} on {cfg['serve']['host']} is already in use by another process"
                         + (f" ({owner})" if owner else ""),
                         f"stop that process or choose another port: invoke serve --set serve.port={int(port) + 1}")
+    file_changed = bool(changes)
+    if mode == "systemd" and not changes:
+        # Same files: the unit must still be enabled (starts at boot) and loaded as written.
+        if sf.get("unit_UnitFileState") != "enabled":
+            changes.append(Change(f"enable {service.UNIT_NAME}", f"unit file state is "
+                                  f"{sf.get('unit_UnitFileState') or 'unknown'}: it would not start at boot",
+                                  [f"systemctl enable {service.UNIT_NAME}"]))
+        if sf.get("unit_NeedDaemonReload") == "yes":
+            changes.append(Change("systemctl daemon-reload", f"{service.UNIT_PATH} changed on disk since systemd "
+                                  "loaded it", ["systemctl daemon-reload"]))
+            file_changed = True
     if not same:
         if alive:
             what = "; ".join(render.diff(running_argv, r.argv)) or "command differs"
             changes.append(Change("restart llama-server with the new command", what, [" ".join(r.argv)]))
         else:
             changes.append(Change("start llama-server", "not running", [" ".join(r.argv)]))
-    elif changes:
+    elif file_changed:
         changes.append(Change("restart llama-server", "its launch files changed", [" ".join(r.argv)]))
+    mlock = mlock_state(sf, cfg, mode) if same else None
+    if mlock and not mlock["locked"]:
+        warnings.append(mlock["line"])
     info = {"argv": r.argv, "dialect": r.dialect, "notes": r.notes, "dropped": r.dropped, "mode": mode,
-            "log": lay.log, "pid": sf.get("pid", "")}
+            "log": f"journalctl -u {service.UNIT_NAME}" if mode == "systemd" else lay.log, "pid": sf.get("pid", ""),
+            "unit": {k[5:]: v for k, v in sf.items() if k.startswith("unit_")} if mode == "systemd" else {},
+            "mlock": mlock}
     if not changes:
         return Check.done(attention=attention, warnings=warnings, info=info)
     return Check.todo(changes, attention=attention, warnings=warnings, info=info)
@@ -221,19 +276,33 @@ def apply(host, facts: dict, cfg: dict, chk: Check, echo=print):
     for d in r.dropped:
         echo(f"[serve] dropped: {d}")
     service.install(host, cfg, facts, files)
+    if not any(c.what.startswith(("start", "restart")) for c in chk.changes):
+        return [f"{service.UNIT_NAME} enabled"]          # only the unit's enablement was missing
     running = bool(sf.get("pid"))
     how = service.start(host, cfg, facts, restart=running)
     echo(f"[serve] {how}")
     # The new server's pid (the unit's MainPID or the supervisor's pid file).
     lay = service.layout(cfg, _home(facts))
-    if service.mode_of(facts) == "systemd":
-        out = host.run(["systemctl", "show", "-p", "MainPID", "--value", service.UNIT_NAME], check=False).stdout.strip()
+    systemd = service.mode_of(facts) == "systemd"
+    if systemd:
+        pid = service.main_pid(host)
+        if pid is None:
+            # It died before its pid could be read (a bad model fails in milliseconds): the unit is already in
+            # auto-restart or failed. Report it as wait_ready would, with the log of that start.
+            u = service.unit_show(host, ("ActiveState", "SubState", "Result", "ExecMainStatus"))
+            lines = logparse.explain_exit(service.read_log(host, cfg, facts, settle=True))
+            service.stop(host, cfg, facts)
+            raise smoke.ServerExited(
+                f"serve: llama-server exited during load right after its start ({service.UNIT_NAME}: "
+                f"{u.get('ActiveState')} ({u.get('SubState')}), result {u.get('Result')}, exit status "
+                f"{u.get('ExecMainStatus')})", "read the log lines below; `invoke doctor` turns them into a fix",
+                output="\n".join(lines))
     else:
         out = host.run(["cat", lay.server_pid], root=True, check=False).stdout.strip()
-    pid = out if out and out != "0" else None
+        pid = out if out and out != "0" else None
     try:
         ready = smoke.wait_ready(host, cfg["serve"], pid=pid, timeout=cfg["serve"]["ready_timeout"],
-                                 read_log=lambda: service.read_log(host, cfg, facts), echo=echo)
+                                 read_log=lambda: service.read_log(host, cfg, facts, settle=systemd), echo=echo)
     except StepError:
         # Do not leave a restart loop behind a server that cannot load: stop it, report the log lines.
         service.stop(host, cfg, facts)

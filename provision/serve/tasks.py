@@ -4,6 +4,7 @@
     invoke serve --set serve.ctx_size=65536   # one setting changed: restarts with the new command
     invoke serve --plan                # what would change, nothing done
     invoke serve.status / serve.logs -n 100 / serve.stop / serve.start
+                                       # systemd hosts: status from `systemctl show`, logs from the journal
     invoke doctor                      # findings from the latest server log
 """
 
@@ -78,6 +79,8 @@ def serve_(c, set=None, plan=False, no_prove=False):
     res = report.steps[0]
     for n in res.info.get("notes", []):
         print(f"  note: {n}")
+    if (res.info.get("mlock") or {}).get("locked"):
+        print(f"  note: {res.info['mlock']['line']}")
     if res.info.get("argv"):
         print("  command: " + " ".join(res.info["argv"]))
     if report.failed:
@@ -120,12 +123,22 @@ def status(c, set=None):
     facts = _facts(host, cfg)
     sf = facts["serve"]
     mode = service.mode_of(facts)
-    print(f"mode: {mode}" + (f" (unit {service.UNIT_NAME}: {sf.get('unit_active', '?')})" if mode == "systemd"
-                             else f" (supervisor pid {sf.get('supervisor_pid', '-')})"))
+    if mode == "systemd":
+        u = service.unit_show(host)
+        print(f"mode: systemd (unit {service.UNIT_NAME}: {u.get('ActiveState', '?')} ({u.get('SubState', '?')}), "
+              f"{u.get('UnitFileState') or 'not installed'})")
+        print(f"unit: MainPID {u.get('MainPID', '?')}, started {u.get('ExecMainStartTimestamp') or '-'}, "
+              f"restarts {u.get('NRestarts', '?')}, last result {u.get('Result', '?')}, "
+              f"invocation {u.get('InvocationID') or '-'}, LimitMEMLOCK {u.get('LimitMEMLOCK', '?')}")
+    else:
+        print(f"mode: {mode} (supervisor pid {sf.get('supervisor_pid', '-')})")
     if not sf.get("pid"):
         print("llama-server: not running")
         raise Exit(code=3)
     print(f"llama-server: pid {sf['pid']}: {' '.join(sf.get('argv', []))}")
+    ml = step.mlock_state(sf, cfg, mode)
+    if ml:
+        print(ml["line"])
     h = smoke.http(host, cfg["serve"], "GET", "/health")
     print(f"/health: {h.status} {h.body.strip()[:120]}")
     print(f"/v1/models: {', '.join(smoke.models(host, cfg['serve'])) or '-'}")
@@ -139,7 +152,7 @@ def status(c, set=None):
 
 @task(iterable=["set"], help=dict(SET_HELP, lines="how many lines", all="the whole file, not only the last start"))
 def logs(c, set=None, lines=60, all=False):
-    """The server log (the part written since the last start)."""
+    """The server log since the last start (systemd hosts: the journal of the unit's current invocation)."""
     cfg = settings(c, set)
     host = Host(c)
     facts = _facts(host, cfg)

@@ -16,6 +16,11 @@ the whole userspace set as ONE transaction (`dnf install --allowerasing --releas
 conflicting mainline packages are erased by the same transaction), then versionlock, then
 `akmods --force --kernels <kernel>` bounded by `driver.akmods_timeout`, with its output shown as progress.
 
+On a systemd host akmods.service (enabled by Fedora's preset) builds the module at boot for a kernel that
+has none yet, which is what makes the "reboot required" below safe after a kernel update: the step enables
+it when it is disabled (docs/systemd.md). Without systemd nothing rebuilds the module at boot, and the step
+says so.
+
 The step never claims the driver is active: unless /proc/driver/nvidia/version shows a 580.x module it
 ends with the attention "reboot required"; with Secure Boot on and the akmods key not enrolled it gives
 the `mokutil --import` command.
@@ -121,7 +126,30 @@ def _sb_cmd(cfg: dict) -> str:
             "else echo missing; fi; true")
 
 
+AKMODS_UNIT = "akmods.service"
+
+
+def parse_unit_state(out: str, rc: int) -> str:
+    """`systemctl is-enabled akmods.service` -> enabled/disabled/masked/..., "not-found", or "no-systemd".
+
+    >>> parse_unit_state("disabled\\n", 1), parse_unit_state("no-systemd\\n", 0)
+    ('disabled', 'no-systemd')
+    >>> parse_unit_state("Failed to get unit file state for akmods.service: No such file or directory\\n", 1)
+    'not-found'
+    """
+    first = out.strip().splitlines()[0].strip() if out.strip() else ""
+    if not first or " " in first:
+        return "not-found"
+    return first
+
+
+def _akmods_unit_cmd(cfg: dict) -> str:
+    return (f"[ -d /run/systemd/system ] || {{ echo no-systemd; exit 0; }}; "
+            f"systemctl is-enabled {AKMODS_UNIT} 2>&1; true")
+
+
 FACTS = [
+    Fact("driver_akmods_unit", _akmods_unit_cmd, parse_unit_state),
     Fact("driver_locks", _locks_cmd, dnf.parse_files),
     Fact("driver_loaded", lambda cfg: "cat /proc/driver/nvidia/version", parse_loaded),
     Fact("driver_module", lambda cfg: "modinfo -F version nvidia", parse_module),
@@ -209,6 +237,11 @@ def check(facts: dict, cfg: dict) -> Check:
         changes += lock_changes
     module_changes, attention = _module_changes(facts, cfg)
     changes += module_changes
+    unit_changes, unit_attention, unit_warnings = _akmods_unit(facts, cfg)
+    changes += unit_changes
+    attention += unit_attention
+    warnings += unit_warnings
+    info["akmods_unit"] = facts.get("driver_akmods_unit")
     if not any(p not in pk for p in d["packages"]) and not off_branch(pk, cfg):
         attention += _reboot_attention(facts, cfg)
     else:
@@ -301,6 +334,35 @@ def _module_changes(facts: dict, cfg: dict) -> tuple[list[Change], list[str]]:
                    f"the module for the running kernel is {module or 'not built'}, not {major}.x",
                    [Akmods(akmods_cmd(facts, cfg), str(kernel), int(cfg["driver"]["akmods_timeout"]), major,
                            cfg["driver"]["branch"])])], []
+
+
+# Enable the unit if the transaction that installs akmods leaves it disabled (Fedora's preset enables it).
+_ENABLE_IF_DISABLED = ('[ "$(systemctl is-enabled {u} 2>/dev/null)" != disabled ] || systemctl enable {u}'
+                       .format(u=AKMODS_UNIT))
+
+
+def _akmods_unit(facts: dict, cfg: dict) -> tuple[list[Change], list[str], list[str]]:
+    """akmods.service on systemd hosts: what rebuilds the module at boot for a new kernel."""
+    unit = facts.get("driver_akmods_unit")
+    pk = dnf.installed(facts)
+    if unit == "no-systemd":
+        return [], [f"no systemd on this host: nothing rebuilds the nvidia module at boot ({AKMODS_UNIT}); "
+                    "after a kernel update run `sudo akmods --force` before rebooting"], []
+    if unit == "disabled":
+        return [Change(f"enable {AKMODS_UNIT}", "it is disabled; it builds the nvidia module at boot for a new "
+                       "kernel that has none (Fedora's preset enables it)",
+                       [Cmd(["systemctl", "enable", AKMODS_UNIT], root=True)])], [], []
+    if unit == "masked":
+        return [], [f"{AKMODS_UNIT} is masked: after a kernel update nothing rebuilds the nvidia module at boot; "
+                    f"`sudo systemctl unmask {AKMODS_UNIT}` (gpubox leaves a mask alone)"], []
+    if unit == "not-found":
+        if "akmods" in pk:
+            return [], [], [f"akmods is installed but systemd has no {AKMODS_UNIT}: the module is not rebuilt at boot"]
+        if any(p not in pk for p in cfg["driver"]["packages"]):    # akmods comes with the transaction
+            return [Change(f"enable {AKMODS_UNIT} if the driver transaction leaves it disabled",
+                           "akmods and its unit come with the transaction",
+                           [Cmd(["sh", "-c", _ENABLE_IF_DISABLED], root=True)])], [], []
+    return [], [], []
 
 
 def _reboot_attention(facts: dict, cfg: dict) -> list[str]:

@@ -1,16 +1,18 @@
 """The gpubox sandbox: a Fedora-42-like host named `gpubox` on a Debian machine, for the demo and tests.
 
-What it is: a Debian sid chroot made with debootstrap (real dnf5 5.4, rpm 6.1, sshd, python3, git,
-cmake, ninja, ccache, gcc-14/g++-14 and gcc-15/g++-15 as the default gcc) that reports itself as
-Fedora 42 through fixture RPMs, with its own sshd in a network namespace. What it is not: Fedora, a
-GPU host, RPM Fusion or NVIDIA's repository; no kernel modules load and nothing reboots. Stand-ins
-exist only for what no chroot can have (nvidia-smi, nvcc, akmods) and ship inside the fixture packages
-where the real packages put them.
+What it is: a Debian sid root made with debootstrap (real dnf5 5.4, rpm 6.1, systemd 262, sshd, python3,
+git, cmake, ninja, ccache, gcc-14/g++-14 and gcc-15/g++-15 as the default gcc) that reports itself as
+Fedora 42 through fixture RPMs and boots its systemd as PID 1 under systemd-nspawn, in its own network
+namespace (sshd is its ssh.service; docs/systemd.md). What it is not: Fedora, a GPU host, RPM Fusion or
+NVIDIA's repository; no kernel modules load and nothing reboots. Stand-ins exist only for what no
+container can have (nvidia-smi, nvcc, akmods) and ship inside the fixture packages where the real
+packages put them.
 
 Layout under ``${GPUBOX_CACHE:-~/.cache/gpubox}/sandbox`` (the cache; `down` leaves it):
 
     debs/          debootstrap's --cache-dir (downloaded .debs)
-    base/          the debootstrap rootfs (recipe: suite, package list)         -- minutes, cold
+    base/          the debootstrap rootfs (recipe: suite, package list; mirror: the host's apt sources)
+                                                                                 -- minutes, cold
     pristine/      overlay layer over base: fixture RPMs installed, sshd, keys   -- ~30 s
     repos/         fixture RPM repositories {fedora,rpmfusion,updates,cuda}      -- ~30 s
     git/           llama.cpp.git, from the llama-cpp-python sdist, fixed author/date (stable SHA)
@@ -31,11 +33,12 @@ Inside the target:
                                                         `reset` is a ccache hit
 
 Network: namespace `gpubox`, host side 10.200.0.1/24, target 10.200.0.2/24 (ssh root@10.200.0.2,
-key only). The Hugging Face server listens on the host side (10.200.0.1), reachable from both.
+key only); names and addresses: paths.TARGET. The Hugging Face server listens on the host side
+(10.200.0.1), reachable from both.
 
 Use: `invoke sandbox.up | sandbox.status | sandbox.reset | sandbox.down`, `invoke demo`;
 from Python `testbed.sandbox.up()` -> `Info`.
 """
 
-from .paths import ADDRESS, HOST_ADDRESS, NETNS, PERSIST_MOUNT, REPO_MOUNT, GIT_MOUNT, Paths  # noqa: F401
-from .runtime import Info, SandboxError, down, ensure_built, info, reset, status, up  # noqa: F401
+from .paths import ADDRESS, HOST_ADDRESS, NETNS, PERSIST_MOUNT, REPO_MOUNT, GIT_MOUNT, TARGET, Paths  # noqa: F401
+from .runtime import Info, SandboxError, down, ensure_built, info, leftovers, reset, status, up  # noqa: F401

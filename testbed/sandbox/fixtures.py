@@ -43,8 +43,8 @@ def _env() -> jinja2.Environment:
     return env
 
 
-def render(name: str, **values) -> str:
-    return _env().get_template(name).render(**values)
+def render(template: str, **values) -> str:
+    return _env().get_template(template).render(**values)
 
 
 def kernel_version_release(kver: str) -> tuple[str, str]:

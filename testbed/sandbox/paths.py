@@ -6,11 +6,29 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-NETNS = "gpubox"
-HOST_IF = "gpubox0"
-HOST_ADDRESS = "10.200.0.1"
-ADDRESS = "10.200.0.2"
-PREFIX = 24
+
+
+@dataclass(frozen=True)
+class Target:
+    """One sandbox host: its name (hostname, nspawn machine name, ssh Host alias), its network namespace and
+    veth pair, its addresses, its own cgroup. Every name and address the runtime uses comes from here."""
+    name: str
+    netns: str
+    host_if: str            # the host side of the veth pair (the target side is eth0 inside netns)
+    host_address: str
+    address: str
+    prefix: int = 24
+
+    @property
+    def cgroup(self) -> str:
+        """The cgroup (in every mounted hierarchy) that systemd-nspawn runs in; removed by `down`."""
+        return f"gpubox-sandbox-{self.name}"
+
+
+TARGET = Target(name="gpubox", netns="gpubox", host_if="gpubox0", host_address="10.200.0.1", address="10.200.0.2")
+# The same values under their old names (tests and callers import these).
+NETNS, HOST_IF, HOST_ADDRESS, ADDRESS, PREFIX = (TARGET.netns, TARGET.host_if, TARGET.host_address, TARGET.address,
+                                                 TARGET.prefix)
 HF_PORT = 8790
 
 REPO_MOUNT = "/srv/gpubox-repos"
@@ -65,5 +83,5 @@ _DIRS = {
     "logs": "logs",
     "overrides": "invoke.yaml",
     "state": "state.json",
-    "init": "instance/init.sh",
+    "start": "instance/nspawn.sh",
 }

@@ -5,7 +5,8 @@ base/      `debootstrap --variant=minbase sid` with BASE_PACKAGES. Rebuilt only 
            the cache; .debs are kept in debs/ (debootstrap --cache-dir), so a rebuild downloads nothing.
 pristine/  the upper directory of an overlay over base in which the fixture RPMs were installed by the
            chroot's own dnf5 (fedora-release, the 590 driver family, akmods, kernel-devel ...), the real
-           huggingface_hub wheels unpacked, sshd configured and the module "built" once by akmods.
+           huggingface_hub wheels unpacked, sshd configured (ssh.service of the target's systemd) and the
+           module "built" once by akmods.
            Rebuilt when its recipe (templates/sandbox, fixture inputs, this file) changes.
 
 The running sandbox mounts overlay(lower = pristine:base, upper = instance/upper): `reset` drops the
@@ -25,19 +26,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import fixtures
-from .paths import ADDRESS, GIT_MOUNT, NETNS, PERSIST_MOUNT, REPO_MOUNT, Paths
+from . import aptsources, fixtures
+from .paths import GIT_MOUNT, PERSIST_MOUNT, REPO_MOUNT, Paths
 
 SUITE = "sid"
-MIRROR = "http://deb.debian.org/debian"
 # What the build step and the demo need in the target (Debian names; the fixture RPMs record the
-# Fedora-named ones in rpm's database without overwriting these real files).
+# Fedora-named ones in rpm's database without overwriting these real files). systemd, systemd-sysv and
+# dbus: the target boots systemd as PID 1 under systemd-nspawn, as a Fedora host does; iproute2: `ss`,
+# which Fedora has and testinfra's host.socket() uses.
 BASE_PACKAGES = [
     "openssh-server", "dnf5", "rpm", "python3", "git", "cmake", "ninja-build", "ccache",
     "gcc-14", "g++-14", "gcc-15", "g++-15", "make", "curl", "kmod", "procps", "ca-certificates",
-    "sudo", "patch", "xz-utils", "binutils",
+    "sudo", "patch", "xz-utils", "binutils", "systemd", "systemd-sysv", "dbus", "iproute2",
 ]
-BASE_RECIPE = {"suite": SUITE, "mirror": MIRROR, "variant": "minbase", "packages": BASE_PACKAGES, "version": 1}
+# The mirror is not part of the recipe: it comes from this machine's apt sources (aptsources.py) and any
+# Debian mirror serves the same suite.
+BASE_RECIPE = {"suite": SUITE, "variant": "minbase", "packages": BASE_PACKAGES, "version": 2}
 # Packages installed in the pristine state (the rest of packages.yaml.j2 is only available in the repos).
 APT_OPTS = ["-o", "Acquire::Check-Valid-Until=false"]
 
@@ -80,6 +84,10 @@ def build_base(p: Paths, log=print, before_replace=lambda: None) -> bool:
         return False
     if not shutil.which("debootstrap"):
         raise BuildError("debootstrap is not installed; fix: apt-get install -y debootstrap (scripts/setup does)")
+    try:
+        mirror = aptsources.debian_mirror()
+    except aptsources.MirrorError as e:
+        raise BuildError(str(e)) from None
     p.debs.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     shm = Path("/dev/shm")
@@ -88,7 +96,7 @@ def build_base(p: Paths, log=print, before_replace=lambda: None) -> bool:
     target = tmp / "root"
     try:
         _run(["debootstrap", "--variant=minbase", f"--cache-dir={p.debs}", "--include=" + ",".join(BASE_PACKAGES),
-              SUITE, target, MIRROR], log)
+              SUITE, target, mirror], log)
         # apt inside a sid chroot: its Release files may be past Valid-Until on snapshot mirrors.
         (target / "etc/apt/apt.conf.d/99gpubox").write_text('Acquire::Check-Valid-Until "false";\n')
         _run(["chroot", target, "apt-get", "clean"], log)
@@ -162,10 +170,15 @@ dnf5 clean all -q >/dev/null 2>&1 || true
 akmods --force --kernels "$(uname -r)" >/dev/null
 # ccache: its cache lives on the persistent mount, so it survives `sandbox.reset`.
 printf 'cache_dir = @PERSIST@/ccache\nmax_size = 5G\n' > /etc/ccache.conf
-# sshd: own host key (stable across resets), key-only root login.
-mkdir -p /root/.ssh /run/sshd && chmod 700 /root/.ssh
+# sshd (ssh.service, started by the target's systemd): own host key (stable across resets), key-only root
+# login; its config (/etc/ssh/sshd_config) was written from testbed/templates/etc/sshd_config.j2.
+mkdir -p /root/.ssh && chmod 700 /root/.ssh
 [ -f /etc/ssh/ssh_host_ed25519_key ] || ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key
 rm -f /etc/ssh/ssh_host_rsa_key* /etc/ssh/ssh_host_ecdsa_key*
+/usr/sbin/sshd -t
+systemctl -q is-enabled ssh.service
+# Timers and units a sandbox has no use for: they would only reach for the network (apt) or a disk (fstrim).
+systemctl -q mask apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer fstrim.timer
 git config --system --add safe.directory '*'
 """
 
@@ -188,8 +201,7 @@ def build_pristine(p: Paths, log=print, before_replace=lambda: None) -> bool:
         d.mkdir(parents=True)
     # Files written from the host into the new layer before the chroot script runs.
     (upper / "etc/ssh").mkdir(parents=True)
-    (upper / "etc/ssh/sshd_config.gpubox").write_text(
-        fixtures.render("etc/sshd_config.j2", address=ADDRESS, netns=NETNS))
+    (upper / "etc/ssh/sshd_config").write_text(fixtures.render("etc/sshd_config.j2"))
     (upper / "root/.ssh").mkdir(parents=True, mode=0o700)
     (upper / "root/.ssh/authorized_keys").write_text(p.key.with_suffix(".pub").read_text())
     os.chmod(upper / "root/.ssh/authorized_keys", 0o600)

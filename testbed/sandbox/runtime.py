@@ -1,28 +1,31 @@
-"""Bring the sandbox up and down: network namespace, overlay root, the chroot's sshd, the HF server.
+"""Bring the sandbox up and down: network namespace, overlay root, systemd booted by systemd-nspawn, the HF server.
 
 `up` (root only):
   1. builds what the cache lacks (base rootfs, fixture repos, pristine layer, git mirror, HF content);
   2. creates network namespace `gpubox` with a veth pair (host gpubox0 10.200.0.1/24, target eth0
-     10.200.0.2/24);
-  3. starts `ip netns exec gpubox unshare --pid --fork --kill-child --mount --uts bash init.sh`: the
-     init script (testbed/templates/etc/init.sh.j2), PID 1 of its own PID namespace, mounts
-     overlay(lower = pristine:base, upper = instance/upper), /proc, /dev, the repos, the git mirror and
-     the persistent cache, sets hostname `gpubox` and runs the chroot's sshd. All of it lives in
-     namespaces that die with that one process tree;
+     10.200.0.2/24): names and addresses come from paths.TARGET;
+  3. makes the sandbox's own cgroup in every cgroup hierarchy and starts
+     `unshare --mount --propagation private bash nspawn.sh` (testbed/templates/etc/nspawn.sh.j2): it joins
+     that cgroup, mounts overlay(lower = pristine:base, upper = instance/upper) in its private mount
+     namespace and execs `systemd-nspawn --boot` on it, in the network namespace, with hostname `gpubox`,
+     the repos, the git mirror and the persistent cache bound in. systemd is PID 1 of the container; sshd
+     is its ssh.service. `up` returns once sshd answers and `systemctl is-system-running` says running;
   4. starts `python -m testbed.hfserver` on 10.200.0.1 (reachable from the target and the host);
   5. writes the ssh config, the config overrides (invoke.yaml) and state.json (PIDs).
 Running it again while up only checks that everything answers.
 
-`down` kills what state.json names (by PID: unshare, whose --kill-child takes the namespace's PID 1 and
-with it every process inside, then the HF server), kills any process still in the namespace, closes
-the ssh ControlMaster, deletes the namespace; nothing is unmounted on the host because nothing was
-mounted there. `reset` restarts the target on an empty upper layer (the persistent cache stays).
+`down` sends SIGTERM to systemd-nspawn (the container's systemd powers off: units stop, mounts go), kills
+what is still in the sandbox's cgroup or network namespace after a grace period, stops the HF server,
+closes the ssh ControlMaster, deletes the veth pair, the namespace, the cgroups and what nspawn leaves
+under /run/systemd/nspawn. Nothing is mounted on the host. `leftovers()` lists whatever of that remains.
+`reset` powers the target off, drops its upper layer and boots it again (the persistent cache stays).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -37,8 +40,14 @@ from pathlib import Path
 import yaml
 
 from . import fixtures, gitmirror, rootfs
-from .paths import (ADDRESS, GIT_MOUNT, HF_PORT, HOST_ADDRESS, HOST_IF, NETNS, PERSIST_MOUNT, PREFIX, REPO_MOUNT,
-                    REPO_ROOT, Paths)
+from .paths import GIT_MOUNT, HF_PORT, PERSIST_MOUNT, REPO_MOUNT, REPO_ROOT, TARGET, Paths
+
+T = TARGET
+ADDRESS, HOST_ADDRESS, NETNS = T.address, T.host_address, T.netns
+CGROUP_FS = Path("/sys/fs/cgroup")
+NSPAWN_RUN = Path("/run/systemd/nspawn")
+BOOT_TIMEOUT = 60        # seconds for sshd to answer and systemd to reach `running`
+STOP_TIMEOUT = 15        # seconds for the container's systemd to power off before what is left is killed
 
 CUDA_REPO_BASEURL = f"file://{REPO_MOUNT}/cuda"
 # The Hugging Face repositories the sandbox serves: the configured models' names, tiny GGUFs written
@@ -143,7 +152,7 @@ def _wait_port(host: str, port: int, seconds: float, pid: int | None = None, wha
 
 
 def netns_exists() -> bool:
-    return Path(f"/run/netns/{NETNS}").exists()
+    return Path(f"/run/netns/{T.netns}").exists()
 
 
 # --- build ------------------------------------------------------------------------------------------
@@ -177,7 +186,8 @@ def ensure_built(p: Paths | None = None, log=_log_default) -> dict:
 def _ensure_built(p: Paths, log) -> dict:
 
     def before_replace():
-        if _state(p) or netns_exists():
+        # Only this cache's own sandbox (state.json): another cache's sandbox may hold the namespace.
+        if _state(p):
             log("sandbox: the recipe changed: stopping the running sandbox before rebuilding")
             _down_locked(p, log)
         _wipe_upper(p)
@@ -205,7 +215,7 @@ def _ensure_built(p: Paths, log) -> dict:
 
 def _write_ssh_config(p: Paths) -> None:
     p.ssh.mkdir(parents=True, exist_ok=True)
-    text = fixtures.render("etc/ssh_config.j2", path=p.ssh_config, address=ADDRESS, identity=p.key,
+    text = fixtures.render("etc/ssh_config.j2", path=p.ssh_config, name=T.name, address=T.address, identity=p.key,
                            control_path=p.ssh / "cm-%C")
     p.ssh_config.write_text(text)
 
@@ -226,50 +236,206 @@ def _overrides(sha: str, url: str, ssh_config: Path) -> dict:
 
 def _netns_up() -> None:
     if not netns_exists():
-        _run(["ip", "netns", "add", NETNS])
-    if _run(["ip", "link", "show", HOST_IF], check=False).returncode != 0:
-        _run(["ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", "eth0", "netns", NETNS])
-        _run(["ip", "addr", "add", f"{HOST_ADDRESS}/{PREFIX}", "dev", HOST_IF])
-        _run(["ip", "-n", NETNS, "addr", "add", f"{ADDRESS}/{PREFIX}", "dev", "eth0"])
-    _run(["ip", "link", "set", HOST_IF, "up"])
-    _run(["ip", "-n", NETNS, "link", "set", "eth0", "up"])
-    _run(["ip", "-n", NETNS, "link", "set", "lo", "up"])
+        _run(["ip", "netns", "add", T.netns])
+    if _run(["ip", "link", "show", T.host_if], check=False).returncode != 0:
+        _run(["ip", "link", "add", T.host_if, "type", "veth", "peer", "name", "eth0", "netns", T.netns])
+        _run(["ip", "addr", "add", f"{T.host_address}/{T.prefix}", "dev", T.host_if])
+        _run(["ip", "-n", T.netns, "addr", "add", f"{T.address}/{T.prefix}", "dev", "eth0"])
+    _run(["ip", "link", "set", T.host_if, "up"])
+    _run(["ip", "-n", T.netns, "link", "set", "eth0", "up"])
+    _run(["ip", "-n", T.netns, "link", "set", "lo", "up"])
 
 
-def _start_target(p: Paths) -> int:
-    """Start the namespace init (sshd inside); returns the PID of `unshare` (its --kill-child parent)."""
+# --- cgroups: nspawn runs in one of its own, in every hierarchy this machine mounts -------------------
+
+def cgroup_roots() -> list[Path]:
+    """The hierarchies a process's cgroup must be set in: on a hybrid host (cgroup v1 with a `name=systemd`
+    tree plus cgroup2 at /sys/fs/cgroup/unified, as here) both; on a cgroup2-only host /sys/fs/cgroup."""
+    if (CGROUP_FS / "unified" / "cgroup.procs").exists():
+        return [r for r in (CGROUP_FS / "systemd", CGROUP_FS / "unified") if (r / "cgroup.procs").exists()]
+    if (CGROUP_FS / "cgroup.controllers").exists():
+        return [CGROUP_FS]
+    raise SandboxError("no cgroup2 hierarchy on this machine (neither /sys/fs/cgroup/unified nor a cgroup2 "
+                       "/sys/fs/cgroup): the sandbox's systemd refuses cgroup v1; fix: boot the host with cgroup2 "
+                       "(systemd.unified_cgroup_hierarchy=1) or mount one")
+
+
+def cgroups() -> list[Path]:
+    return [r / T.cgroup for r in cgroup_roots()]
+
+
+def _cgroup_pids(cg: Path) -> list[int]:
+    pids: list[int] = []
+    if not cg.is_dir():
+        return pids
+    for procs in cg.rglob("cgroup.procs"):
+        with contextlib.suppress(OSError):
+            pids += [int(x) for x in procs.read_text().split()]
+    return pids
+
+
+def _rm_cgroup(cg: Path) -> bool:
+    """rmdir the cgroup and its children, deepest first (a cgroup with processes cannot go). True if gone."""
+    if not cg.is_dir():
+        return True
+    for d in sorted((x for x in cg.rglob("*") if x.is_dir()), key=lambda x: len(x.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    with contextlib.suppress(OSError):
+        cg.rmdir()
+    return not cg.is_dir()
+
+
+def _nspawn_leftovers() -> list[Path]:
+    """What systemd-nspawn leaves under /run/systemd/nspawn once the container is gone: this machine's
+    propagation directory (`machinectl bind`), and the directories locks/ and propagate/ (and nspawn/)
+    themselves when empty, i.e. when no other container on this machine uses them."""
+    out = []
+    prop = NSPAWN_RUN / "propagate" / T.name
+    if prop.exists():
+        out.append(prop)
+    for d in (NSPAWN_RUN / "locks", NSPAWN_RUN / "propagate"):
+        if d.is_dir() and not [x for x in d.iterdir() if x != prop]:
+            out.append(d)
+    if NSPAWN_RUN.is_dir() and not [x for x in NSPAWN_RUN.iterdir() if x not in out]:
+        out.append(NSPAWN_RUN)
+    return out
+
+
+# --- the target: systemd under systemd-nspawn ------------------------------------------------------
+
+def _ppid_and_nspid(pid: int) -> tuple[int, list[str]]:
+    with open(f"/proc/{pid}/status") as fh:
+        ppid, nspid = -1, []
+        for line in fh:
+            if line.startswith("PPid:"):
+                ppid = int(line.split()[1])
+            elif line.startswith("NSpid:"):
+                nspid = line.split()[1:]
+        return ppid, nspid
+
+
+def container_init(nspawn_pid: int) -> int | None:
+    """The host PID of the container's PID 1 (systemd): nspawn's child whose PID in its own namespace is 1."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            ppid, nspid = _ppid_and_nspid(int(d.name))
+            if ppid == nspawn_pid and len(nspid) > 1 and nspid[-1] == "1":
+                return int(d.name)
+    return None
+
+
+def nsenter(init_pid: int, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run a command inside the target (all of its namespaces), e.g. systemctl, without ssh."""
+    return subprocess.run(["nsenter", "-t", str(init_pid), "-m", "-u", "-i", "-n", "-p", "-C", "--", *argv],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _target_log_tail(p: Paths) -> str:
+    with contextlib.suppress(FileNotFoundError):
+        return (p.logs / "target.log").read_text(errors="replace")[-1500:]
+    return ""
+
+
+def _prepare_upper(p: Paths) -> None:
+    """Per-host files written into the upper layer before boot: hostname and machine id (derived from the
+    name: stable across resets, distinct per host; systemd would otherwise treat every boot as a first boot)."""
     for d in (p.upper, p.work, p.merged):
         d.mkdir(parents=True, exist_ok=True)
-    init = fixtures.render("etc/init.sh.j2", netns=NETNS, merged=p.merged, lower=f"{p.pristine}:{p.base}",
-                           upper=p.upper, work=p.work, repos=p.repos, git=p.git, persist=p.persist,
-                           persist_mount=PERSIST_MOUNT)
-    p.init.write_text(init)
+    etc = p.upper / "etc"
+    etc.mkdir(exist_ok=True)
+    (etc / "hostname").write_text(T.name + "\n")
+    (etc / "machine-id").write_text(hashlib.md5(f"gpubox-sandbox:{T.name}".encode()).hexdigest() + "\n")
+
+
+def _start_target(p: Paths, log=_log_default) -> tuple[int, int]:
+    """Boot the target; returns (pid of systemd-nspawn, host pid of the container's systemd)."""
+    if not shutil.which("systemd-nspawn"):
+        raise SandboxError("systemd-nspawn is not installed; fix: apt-get install --no-install-recommends "
+                           "systemd-container (scripts/setup does)")
+    _prepare_upper(p)
+    cgs = cgroups()
+    for cg in cgs:
+        if _cgroup_pids(cg):
+            raise SandboxError(f"cgroup {cg} still has processes (an earlier sandbox?); fix: invoke sandbox.down")
+        _rm_cgroup(cg)
+        cg.mkdir(parents=True, exist_ok=True)
+    script = fixtures.render("etc/nspawn.sh.j2", name=T.name, netns=T.netns, cgroups=[str(c) for c in cgs],
+                             merged=p.merged, lower=f"{p.pristine}:{p.base}", upper=p.upper, work=p.work,
+                             repos=p.repos, repo_mount=REPO_MOUNT, git=p.git, git_mount=GIT_MOUNT,
+                             persist=p.persist, persist_mount=PERSIST_MOUNT)
+    p.start.write_text(script)
     logf = open(p.logs / "target.log", "ab")
-    proc = subprocess.Popen(["ip", "netns", "exec", NETNS, "unshare", "--pid", "--fork", "--kill-child=SIGKILL",
-                             "--mount", "--uts", "--propagation", "private", "bash", str(p.init)],
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", str(p.start)],
                             stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     logf.close()
     _CHILDREN[proc.pid] = proc
     try:
-        _wait_port(ADDRESS, 22, 15, proc.pid, "the sandbox's sshd")
-    except SandboxError as e:
-        tail = (p.logs / "target.log").read_text(errors="replace")[-1500:]
-        _kill(proc.pid)
-        raise SandboxError(f"{e}; target log ({p.logs / 'target.log'}):\n{tail}") from None
-    return proc.pid
+        _wait_port(T.address, 22, BOOT_TIMEOUT, proc.pid, "the sandbox's sshd (ssh.service)")
+        init = container_init(proc.pid)
+        if init is None:
+            raise SandboxError("systemd-nspawn runs but its container has no PID 1")
+        r = nsenter(init, "systemctl", "is-system-running", "--wait", timeout=BOOT_TIMEOUT)
+        state = r.stdout.strip()
+        if state != "running":
+            failed = nsenter(init, "systemctl", "--failed", "--no-legend", "--plain").stdout.strip()
+            raise SandboxError(f"the sandbox's systemd is {state or r.stderr.strip()!r}, not running; failed units:\n"
+                               f"{failed or '(none listed)'}\nfix: read `journalctl -b` in the target "
+                               f"(ssh -F {p.ssh_config} {T.name} journalctl -b)")
+    except (SandboxError, subprocess.TimeoutExpired) as e:
+        _stop_target(proc.pid, log=lambda m: None)
+        raise SandboxError(f"{e}; target log ({p.logs / 'target.log'}):\n{_target_log_tail(p)}") from None
+    return proc.pid, init
+
+
+def _stop_target(nspawn_pid: int | None, log=_log_default) -> list[str]:
+    """Power the target off (SIGTERM to nspawn: the container's systemd shuts down), then kill whatever is
+    still in its cgroup, and remove the cgroups and nspawn's leftovers."""
+    done = []
+    if nspawn_pid and _alive(nspawn_pid):
+        t0 = time.monotonic()
+        _kill(nspawn_pid, signal.SIGTERM, wait=STOP_TIMEOUT)
+        if _alive(nspawn_pid):
+            _kill(nspawn_pid, signal.SIGKILL)
+            done.append(f"killed the target (pid {nspawn_pid}): it did not stop within {STOP_TIMEOUT}s of SIGTERM")
+        else:
+            done.append(f"powered off the target (systemd-nspawn pid {nspawn_pid}) in {time.monotonic() - t0:.1f}s")
+    roots = cgroup_roots() if CGROUP_FS.is_dir() else []
+    for cg in (r / T.cgroup for r in roots):
+        for _ in range(50):
+            pids = _cgroup_pids(cg)
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.02)
+        for pid in _cgroup_pids(cg):
+            _kill(pid)
+        if cg.exists():
+            if _rm_cgroup(cg):
+                done.append(f"removed cgroup {cg}")
+            else:
+                done.append(f"could not remove cgroup {cg} (processes: {_cgroup_pids(cg)})")
+    for path in _nspawn_leftovers():          # deepest first: the machine's directory, locks/, propagate/, nspawn/
+        with contextlib.suppress(OSError):
+            path.rmdir()
+    return done
 
 
 def _start_hf(p: Paths) -> int | None:
     if not (REPO_ROOT / "testbed" / "hfserver.py").exists():
         return None
     logf = open(p.logs / "hfserver.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "testbed.hfserver", "--root", str(p.hf), "--host", HOST_ADDRESS,
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.hfserver", "--root", str(p.hf), "--host", T.host_address,
                              "--port", str(HF_PORT), "--log", str(p.logs / "hf-requests.jsonl")],
                             cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                             start_new_session=True)
     logf.close()
     _CHILDREN[proc.pid] = proc
-    _wait_port(HOST_ADDRESS, HF_PORT, 10, proc.pid, "the local Hugging Face server")
+    _wait_port(T.host_address, HF_PORT, 10, proc.pid, "the local Hugging Face server")
     return proc.pid
 
 
@@ -278,8 +444,10 @@ def _kill(pid: int, sig=signal.SIGKILL, wait: float = 5.0) -> None:
         os.kill(pid, sig)
     proc = _CHILDREN.pop(pid, None)
     if proc is not None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
+        try:
             proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            _CHILDREN[pid] = proc        # still running: keep it to reap later
         return
     end = time.monotonic() + wait
     while _alive(pid) and time.monotonic() < end:
@@ -289,13 +457,13 @@ def _kill(pid: int, sig=signal.SIGKILL, wait: float = 5.0) -> None:
 def _netns_pids() -> list[int]:
     if not netns_exists():
         return []
-    r = _run(["ip", "netns", "pids", NETNS], check=False)
+    r = _run(["ip", "netns", "pids", T.netns], check=False)
     return [int(x) for x in r.stdout.split() if x.isdigit()]
 
 
 def _close_master(p: Paths) -> None:
     if p.ssh_config.exists():
-        subprocess.run(["ssh", "-F", str(p.ssh_config), "-O", "exit", "gpubox"], capture_output=True, timeout=10)
+        subprocess.run(["ssh", "-F", str(p.ssh_config), "-O", "exit", T.name], capture_output=True, timeout=10)
 
 
 def _state(p: Paths) -> dict:
@@ -315,16 +483,27 @@ def info(p: Paths | None = None) -> Info | None:
     return _info_from_state(p, st) if st.get("ssh_config") else None
 
 
+def _in_netns(pid: int) -> bool:
+    """Is the process in the sandbox's network namespace (not another one of the same name's past)?"""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{T.netns}").st_ino
+    except OSError:
+        return False
+
+
 def running(p: Paths | None = None) -> bool:
-    """True when state.json's target and HF server are alive and sshd answers."""
+    """True when state.json's target (nspawn, and its systemd in the sandbox's network namespace) and HF server
+    are alive and sshd answers."""
     p = p or Paths.default()
     st = _state(p)
     pids = st.get("pids") or {}
     if not pids.get("target") or not _alive(pids["target"]) or not netns_exists():
         return False
+    if not pids.get("init") or not _alive(pids["init"]) or not _in_netns(pids["init"]):
+        return False
     if pids.get("hfserver") and not _alive(pids["hfserver"]):
         return False
-    return _port_open(ADDRESS, 22)
+    return _port_open(T.address, 22)
 
 
 def up(p: Paths | None = None, log=_log_default) -> Info:
@@ -337,20 +516,20 @@ def up(p: Paths | None = None, log=_log_default) -> Info:
         _down_locked(p, log=lambda m: None)
         _netns_up()
         _write_ssh_config(p)
-        target = _start_target(p)
         try:
+            target, init = _start_target(p, log)
             hf = _start_hf(p)
         except SandboxError:
             _down_locked(p, log=lambda m: None)
             raise
         url, sha = gitmirror.ensure(p, log)
         p.overrides.write_text(yaml.safe_dump(_overrides(sha, url, p.ssh_config), sort_keys=False))
-        hf_url = f"http://{HOST_ADDRESS}:{HF_PORT}" if hf else ""
-        inf = Info(ssh_config=str(p.ssh_config), host="gpubox", address=ADDRESS, hf_endpoint=hf_url,
+        hf_url = f"http://{T.host_address}:{HF_PORT}" if hf else ""
+        inf = Info(ssh_config=str(p.ssh_config), host=T.name, address=T.address, hf_endpoint=hf_url,
                    hf_endpoint_host=hf_url, git_url=url, git_sha=sha, cuda_repo_baseurl=CUDA_REPO_BASEURL,
                    overrides_file=str(p.overrides), persist_mount=PERSIST_MOUNT,
-                   fab_command=f"HF_ENDPOINT={hf_url} fab -S {p.ssh_config} -H gpubox -f {p.overrides} provision",
-                   pids={"target": target, "hfserver": hf})
+                   fab_command=f"HF_ENDPOINT={hf_url} fab -S {p.ssh_config} -H {T.name} -f {p.overrides} provision",
+                   pids={"target": target, "init": init, "hfserver": hf})
         p.state.write_text(json.dumps(asdict(inf), indent=2))
         return inf
 
@@ -360,19 +539,19 @@ def _down_locked(p: Paths, log=_log_default) -> list[str]:
     st = _state(p)
     pids = st.get("pids") or {}
     _close_master(p)
-    for name in ("target", "hfserver"):
-        pid = pids.get(name)
-        if pid and _alive(pid):
-            _kill(pid)
-            done.append(f"stopped {name} (pid {pid})")
+    done += _stop_target(pids.get("target"), log)
+    hf = pids.get("hfserver")
+    if hf and _alive(hf):
+        _kill(hf)
+        done.append(f"stopped hfserver (pid {hf})")
     for pid in _netns_pids():    # anything else still in the namespace (left by an earlier crash)
         _kill(pid)
-        done.append(f"killed pid {pid} left in netns {NETNS}")
-    if _run(["ip", "link", "show", HOST_IF], check=False).returncode == 0:
-        _run(["ip", "link", "del", HOST_IF], check=False)
+        done.append(f"killed pid {pid} left in netns {T.netns}")
+    if _run(["ip", "link", "show", T.host_if], check=False).returncode == 0:
+        _run(["ip", "link", "del", T.host_if], check=False)
     if netns_exists():
-        _run(["ip", "netns", "del", NETNS])
-        done.append(f"removed netns {NETNS}")
+        _run(["ip", "netns", "del", T.netns])
+        done.append(f"removed netns {T.netns}")
     for pid in list(_CHILDREN):
         if not _alive(pid):
             _kill(pid)
@@ -393,7 +572,8 @@ def down(p: Paths | None = None, log=_log_default) -> list[str]:
 
 
 def reset(p: Paths | None = None, log=_log_default) -> Info:
-    """Back to the pristine state: restart the target on an empty upper layer (the persist mount stays)."""
+    """Back to the pristine state: power the target off, drop its upper layer, boot it again (the persist
+    mount stays)."""
     p = p or Paths.default()
     require_root()
     with _lock(p):
@@ -403,11 +583,15 @@ def reset(p: Paths | None = None, log=_log_default) -> Info:
             log("sandbox: reset (not running): upper layer dropped")
             return None
         _close_master(p)
-        _kill(st["pids"]["target"])
+        _stop_target(st["pids"]["target"], log)
         for pid in _netns_pids():
             _kill(pid)
         _wipe_upper(p)
-        st["pids"]["target"] = _start_target(p)
+        try:
+            st["pids"]["target"], st["pids"]["init"] = _start_target(p, log)
+        except SandboxError:
+            _down_locked(p, log=lambda m: None)
+            raise
         p.state.write_text(json.dumps(st, indent=2))
         return _info_from_state(p, st)
 
@@ -416,6 +600,29 @@ def _wipe_upper(p: Paths) -> None:
     for d in (p.upper, p.work):
         if d.exists():
             _run(["rm", "-rf", "--one-file-system", d])
+
+
+def leftovers(p: Paths | None = None) -> list[str]:
+    """What of a sandbox is still on this machine: processes in its cgroups or network namespace, mounts of
+    its cache or namespace, its cgroups, veth, namespace, nspawn's run-time files. [] after `down`."""
+    p = p or Paths.default()
+    left = []
+    for cg in (r / T.cgroup for r in (cgroup_roots() if CGROUP_FS.is_dir() else [])):
+        if cg.exists():
+            left.append(f"cgroup {cg}" + (f" (pids {_cgroup_pids(cg)})" if _cgroup_pids(cg) else ""))
+    left += [f"pid {pid} in netns {T.netns}" for pid in _netns_pids()]
+    if netns_exists():
+        left.append(f"netns {T.netns}")
+    if _run(["ip", "link", "show", T.host_if], check=False).returncode == 0:
+        left.append(f"veth {T.host_if}")
+    with open("/proc/self/mountinfo") as fh:
+        left += [f"mount {l.split()[4]}" for l in fh
+                 if str(p.root) in l or l.split()[4] == f"/run/netns/{T.netns}"]
+    left += [f"nspawn leftover {x}" for x in _nspawn_leftovers()]
+    for pid in (_state(p).get("pids") or {}).values():
+        if pid and _alive(pid):
+            left.append(f"pid {pid} of state.json still running")
+    return left
 
 
 def status(p: Paths | None = None) -> dict:
@@ -430,6 +637,7 @@ def status(p: Paths | None = None) -> dict:
         "netns": netns_exists(),
         "running": running(p) if os.geteuid() == 0 else None,
         "pids": st.get("pids") or {},
+        "cgroups": [str(c) for c in cgroups() if c.exists()] if CGROUP_FS.is_dir() else [],
         "ssh_config": str(p.ssh_config) if p.ssh_config.exists() else None,
         "hf_endpoint": st.get("hf_endpoint"),
         "git_url": st.get("git_url"), "git_sha": st.get("git_sha"),

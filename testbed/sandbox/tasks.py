@@ -28,6 +28,8 @@ def _info_lines(inf: runtime.Info) -> list[str]:
     return [
         f"ssh config:      {inf.ssh_config}",
         f"ssh:             ssh -F {inf.ssh_config} gpubox",
+        f"target:          systemd (host pid {inf.pids.get('init')}) under systemd-nspawn (pid {inf.pids.get('target')}); "
+        f"without ssh: nsenter -t {inf.pids.get('init')} -m -u -i -n -p -C systemctl status",
         f"fab:             {inf.fab_command}",
         f"testinfra:       --hosts=ssh://gpubox --ssh-config={inf.ssh_config}",
         f"hf endpoint:     {inf.hf_endpoint or '(provision/hfserver.py missing: none)'}  (HF_ENDPOINT, target and host)",

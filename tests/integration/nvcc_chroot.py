@@ -2,9 +2,9 @@
 
 - `cuda129_headers()`: the real CUDA 12.9.86 `crt/math_functions.h` and `.hpp`, from the PyPI wheel
   `nvidia-cuda-nvcc-cu12==12.9.86` (downloaded once with pip into $GPUBOX_CACHE/wheels).
-- `Trixie`: a Debian trixie chroot (glibc 2.41, g++-14), built once with debootstrap into
-  $GPUBOX_CACHE/trixie, holding a copy of this machine's CUDA 13.0 toolkit. `compile()` runs CUDA 13's
-  nvcc INSIDE the chroot (outside it, nvcc cannot run the chroot's g++: "GLIBC_2.38 not found") on a
+- `Trixie`: a Debian trixie chroot (glibc 2.41, g++-14), built once with debootstrap (from the Debian mirror
+  of this machine's apt sources, or $GPUBOX_DEBIAN_MIRROR) into $GPUBOX_CACHE/trixie, holding a copy of this
+  machine's CUDA 13.0 toolkit. `compile()` runs CUDA 13's nvcc INSIDE the chroot (outside it, nvcc cannot run the chroot's g++: "GLIBC_2.38 not found") on a
   fresh hard-linked copy of the toolkit whose crt/math_functions.h/.hpp are replaced by the headers
   under test: the reproduction recorded in docs/platform.md.
 
@@ -29,7 +29,6 @@ WHEEL_GLOB = "nvidia_cuda_nvcc_cu12-12.9.86-*.whl"
 HEADER_SIZE = 238284
 HEADER_SHA256 = "2f2189d1752d862e96122f985484c89e16bd03a485a01e1f114514f738a2ed4f"
 CUDA13 = Path(os.environ.get("GPUBOX_CUDA13") or "/usr/local/cuda-13.0")
-MIRROR = os.environ.get("GPUBOX_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 CRT = "targets/x86_64-linux/include/crt"
 
 
@@ -81,8 +80,10 @@ class Trixie:
         if not (self.root / "usr" / "bin" / "g++-14").exists():
             partial = self.root.with_name("trixie.partial")
             shutil.rmtree(partial, ignore_errors=True)
+            # The mirror this machine's apt uses (GPUBOX_DEBIAN_MIRROR overrides it), not a URL in the code.
+            from testbed.sandbox.aptsources import debian_mirror
             r = subprocess.run(["debootstrap", "--variant=minbase", "--include=g++-14,libc6-dev", "trixie",
-                                str(partial), MIRROR], capture_output=True, text=True)
+                                str(partial), debian_mirror()], capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"debootstrap trixie failed ({r.returncode}): {r.stdout[-1500:]}{r.stderr[-1500:]}")
             shutil.rmtree(self.root, ignore_errors=True)

@@ -1,5 +1,6 @@
-"""The sandbox host itself: it reports Fedora 42 to ssh, rpm, dnf5 and testinfra; the fixture packages
-relate as on Fedora (a real dnf5 conflict and swap); reset restores pristine; down leaves nothing.
+"""The sandbox host itself: systemd is its PID 1 (booted by systemd-nspawn) and runs sshd; it reports Fedora 42
+to ssh, rpm, dnf5 and testinfra; the fixture packages relate as on Fedora (a real dnf5 conflict and swap);
+reset restores pristine; down leaves nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from testbed.sandbox import ADDRESS, NETNS, PERSIST_MOUNT, runtime
+from testbed.sandbox.paths import TARGET
 
 pytestmark = pytest.mark.integration
 
@@ -179,6 +181,36 @@ def test_hf_server_is_reachable_from_the_target_with_huggingface_hub(sandbox, hf
         assert json.load(r)["id"] == "unsloth/gemma-4-26B-A4B-it-GGUF"
 
 
+def test_systemd_is_pid_1_and_runs_sshd(sandbox):
+    assert ssh(sandbox, "readlink /proc/1/exe").stdout.strip() == "/usr/lib/systemd/systemd"
+    assert ssh(sandbox, "systemctl is-system-running").stdout.strip() == "running"
+    assert ssh(sandbox, "systemctl is-active ssh.service").stdout.strip() == "active"
+    main = ssh(sandbox, "systemctl show -p MainPID --value ssh.service").stdout.strip()
+    assert f"pid={main}," in ssh(sandbox, "ss -Hltnp 'sport = :22'").stdout          # the unit's sshd listens
+    assert ssh(sandbox, "systemctl is-enabled akmods.service").stdout.strip() == "enabled"   # as on Fedora
+    assert ssh(sandbox, "journalctl -b -u ssh.service --no-pager -o cat").stdout.count("Server listening") >= 1
+
+
+MLOCK_25M = ("python3 -c \"import ctypes, os; c = ctypes.CDLL(None, use_errno=True); "
+             "c.mmap.restype = ctypes.c_void_p; c.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, "
+             "ctypes.c_int, ctypes.c_int, ctypes.c_long]; n = 25 << 20; p = c.mmap(None, n, 3, 0x22, -1, 0); "
+             "print('ok' if c.mlock(ctypes.c_void_p(p), ctypes.c_size_t(n)) == 0 else os.strerror(ctypes.get_errno()))\"")
+
+
+@pytest.mark.parametrize("props,locks", [
+    ("", True),                                                       # root: every capability of the container
+    ("-p CapabilityBoundingSet=~CAP_IPC_LOCK", False),               # the 8 MiB limit applies
+    ("-p User=nobody", False),
+    ("-p User=nobody -p LimitMEMLOCK=infinity", False),              # this systemd cannot raise the hard limit
+    ("-p User=nobody -p AmbientCapabilities=CAP_IPC_LOCK", True),    # what llama-server.service adds for --mlock
+])
+def test_what_a_unit_needs_to_mlock_25_mib_here(sandbox, props, locks):
+    """The container's systemd, like this machine's root, has no CAP_SYS_RESOURCE: LimitMEMLOCK=infinity is
+    shown but the hard limit (8 MiB) stays; CAP_IPC_LOCK lifts the limit (docs/systemd.md)."""
+    out = ssh(sandbox, f"systemd-run -q --wait --pipe {props} {MLOCK_25M}").stdout.strip()
+    assert (out == "ok") == locks, out
+
+
 def test_up_twice_is_harmless(sandbox, sandbox_paths):
     before = runtime.info(sandbox_paths).pids      # reset restarts the target: compare with the current PIDs
     again = runtime.up(sandbox_paths)
@@ -187,30 +219,44 @@ def test_up_twice_is_harmless(sandbox, sandbox_paths):
 
 
 def _leftovers(pids: dict, paths) -> list[str]:
+    """What of a sandbox is still on this machine, looked up independently of runtime.leftovers()."""
     left = []
     for name, pid in pids.items():
         if pid and runtime._alive(pid):
             left.append(f"{name} pid {pid} still running")
     if Path(f"/run/netns/{NETNS}").exists():
         left.append(f"netns {NETNS}")
-    if subprocess.run(["ip", "link", "show", "gpubox0"], capture_output=True).returncode == 0:
-        left.append("veth gpubox0")
+    if subprocess.run(["ip", "link", "show", TARGET.host_if], capture_output=True).returncode == 0:
+        left.append(f"veth {TARGET.host_if}")
     with open("/proc/self/mountinfo") as fh:
-        left += [f"mount {l.split()[4]}" for l in fh if str(paths.root) in l or f"/run/netns/{NETNS}" in l]
+        left += [f"mount {l.split()[4]}" for l in fh
+                 if str(paths.root) in l or l.split()[4] == f"/run/netns/{NETNS}"]
     ps = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
     for line in ps.splitlines():
-        if (str(paths.root) in line or "sshd_config.gpubox" in line) and " Z" not in line:
+        if (str(paths.root) in line or f"--machine={TARGET.name}" in line) and " Z" not in line:
             left.append("process " + line.strip())
+    for hier in ("systemd", "unified", ""):
+        cg = Path("/sys/fs/cgroup", hier, TARGET.cgroup)
+        if cg.exists():
+            left.append(f"cgroup {cg}")
+    if Path("/run/systemd/nspawn").exists():
+        left.append("/run/systemd/nspawn: " + " ".join(str(x) for x in Path("/run/systemd/nspawn").rglob("*")))
     return left
 
 
 def test_down_leaves_nothing_and_twice_is_harmless(sandbox_lock):
-    """Run last in this module: brings the sandbox down and up again for the following tests."""
+    """Run last in this module: brings the sandbox down and up again for the following tests. Nothing of it
+    stays: no process (nspawn, the container's systemd and services, the HF server, ssh's ControlMaster), no
+    mount, cgroup, veth or namespace, nothing under /run/systemd/nspawn."""
     p = sandbox_lock
     inf = runtime.up(p)
     ssh(inf, "true")                      # an ssh ControlMaster exists now
+    up_now = _leftovers(inf.pids, p)
+    assert any(x.startswith("cgroup") for x in up_now) and any("systemd-nspawn" in x for x in up_now), up_now
+    assert runtime.leftovers(p)           # the same check sees the running sandbox
     runtime.down(p, log=lambda m: None)
     assert _leftovers(inf.pids, p) == []
+    assert runtime.leftovers(p) == []
     assert runtime.down(p, log=lambda m: None) == []
     assert not runtime.running(p)
     again = runtime.up(p)

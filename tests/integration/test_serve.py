@@ -1,6 +1,8 @@
 """Integration: the serve step for real -- a real llama-server (CPU build of upstream llama.cpp), tiny GGUFs from
-testbed.testmodels (a llama MoE target so --n-cpu-moe has experts to move, a dense draft model), the real
-supervisor, real HTTP, the real log.
+testbed.testmodels (a llama MoE target so --n-cpu-moe has experts to move, a dense draft model), real HTTP, the
+real log. In the sandbox the server runs as the systemd unit llama-server.service (the sandbox boots systemd):
+MainPID, restart after kill -9, the journal, --mlock's capability. On this host (no systemd) it runs under
+gpubox's supervisor loop.
 
 Target: GPUBOX_SERVE_TARGET=sandbox runs it in the sandbox (tests/integration/conftest.py's `sandbox`, the
 sandbox's gpubox overrides) with the llama-server that the build step built there (build.build_dir): run
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +35,8 @@ from testbed.testmodels import write_tiny
 pytestmark = pytest.mark.integration
 
 TARGET = os.environ.get("GPUBOX_SERVE_TARGET", "local")
+MODE = "systemd" if TARGET == "sandbox" else "supervisor"      # the sandbox boots systemd; this host has none
+systemd_only = pytest.mark.skipif(MODE != "systemd", reason="needs the systemd target: GPUBOX_SERVE_TARGET=sandbox")
 
 
 def free_port() -> int:
@@ -65,7 +71,7 @@ class Target:
         g["models"]["files"]["model"]["filename"] = "tiny-moe.gguf"
         g["models"]["files"]["assistant"]["filename"] = "tiny-draft.gguf"
         g["serve"].update(dict(
-            port=free_port(), ctx_size=2048, n_cpu_moe=1, n_gpu_layers=99, spec_type="draft-simple",
+            port=free_port(), ctx_size=2048, n_cpu_moe=1, n_gpu_layers=99, spec_type="draft-simple", draft_model="assistant",
             cache_type_k="f16", cache_type_v="f16", cache_type_k_draft="f16", cache_type_v_draft="f16",
             override_tensor_draft=[], ready_timeout=120, mlock=True, mmap=False))
         g["serve"].update(serve)
@@ -130,8 +136,8 @@ def test_serve_starts_and_proves(target, served):
     argv = res.info["argv"]
     assert argv[0].endswith("/bin/llama-server") and res.info["dialect"] == "upstream"
     assert "--n-cpu-moe" in argv and "--spec-type" in argv and "draft-simple" in argv
-    assert res.info["mode"] == "supervisor"          # neither this host nor the sandbox runs systemd
-    assert any("no systemd on this host" in a for a in res.attention)
+    assert res.info["mode"] == MODE
+    assert any("no systemd on this host" in a for a in res.attention) == (MODE == "supervisor")
     host, facts = facts_of(target, cfg)
     assert facts["serve"]["argv"] == argv                                   # the running process IS the command
     r = smoke.smoke(host, cfg["serve"])
@@ -177,11 +183,22 @@ def test_one_setting_changed_restarts_with_the_new_command(target, served):
     assert res.status == CHANGED
 
 
-def test_supervisor_restarts_a_crashed_server(target, served):
+def listener_pid(host, port) -> str:
+    """The pid of the process listening on the port, from `ss -ltnp` on the target."""
+    out = host.run(["ss", "-Hltnp", f"sport = :{port}"]).stdout
+    m = re.search(r"pid=(\d+)", out)
+    assert m, f"nothing listens on port {port}: {out!r}"
+    return m.group(1)
+
+
+def test_a_crashed_server_is_restarted(target, served):
+    """kill -9 of the server: systemd (Restart=on-failure) or the supervisor starts it again, with a new pid
+    that answers /health."""
     cfg, _ = served
     host, f = facts_of(target, cfg)
     pid = f["serve"]["pid"]
-    host.run(["kill", "-9", pid])
+    restarts = int(f["serve"].get("unit_NRestarts") or 0)
+    host.run(["kill", "-9", pid], root=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         _, f2 = facts_of(target, cfg)
@@ -190,8 +207,51 @@ def test_supervisor_restarts_a_crashed_server(target, served):
             break
         time.sleep(1)
     else:
-        pytest.fail("the supervisor did not restart llama-server within 30 s")
-    assert "restarting in 5 s" in service.read_log(host, cfg, f2, last=False)
+        pytest.fail(f"llama-server was not restarted within 30 s ({MODE})")
+    print(f"\nkill -9 {pid}: restarted as pid {f2['serve']['pid']} ({MODE})")
+    if MODE == "systemd":
+        assert f2["serve"]["unit_ActiveState"] == "active" and int(f2["serve"]["unit_NRestarts"]) == restarts + 1
+        assert f2["serve"]["unit_MainPID"] == f2["serve"]["pid"] == listener_pid(host, cfg["serve"]["port"])
+        unit_log = host.run(["journalctl", "--no-pager", "-u", service.UNIT_NAME], root=True).stdout
+        assert "Main process exited, code=killed, status=9/KILL" in unit_log
+        assert f2["serve"]["unit_InvocationID"] != f["serve"]["unit_InvocationID"]     # a new start
+    else:
+        assert "restarting in 5 s" in service.read_log(host, cfg, f2, last=False)
+
+
+@systemd_only
+def test_unit_main_pid_answers_and_the_journal_holds_the_load_lines(target, served):
+    cfg, _ = served
+    host, f = facts_of(target, cfg)
+    assert host.run(["systemctl", "is-active", "llama-server"]).stdout.strip() == "active"
+    assert host.run(["systemctl", "is-enabled", "llama-server"]).stdout.strip() == "enabled"
+    main = service.main_pid(host)
+    assert main == f["serve"]["pid"] == listener_pid(host, cfg["serve"]["port"])
+    assert smoke.http(host, cfg["serve"], "GET", "/health").status == 200
+    # The journal (all of it, and the current start by its invocation id) holds what doctor parses.
+    whole = host.run(["journalctl", "--no-pager", "-o", "cat", "-u", "llama-server"], root=True).stdout
+    assert "llama_model_loader: loaded meta data" in whole and service.START_MARKER in whole
+    current = service.read_log(host, cfg, f)
+    assert current.strip() and current in whole
+    assert service.START_MARKER not in current               # cut after this start's marker
+    log = logparse.parse(current, target_path=f"{target.dir}/models/tiny-moe.gguf")
+    assert log.target and log.target.model_buffers and log.ready
+    findings = doctor.diagnose(log, serve=cfg["serve"], dialect="upstream", facts=f)
+    assert not [x for x in findings if x.severity == "error"], doctor.summary(findings)
+
+
+@systemd_only
+def test_serve_stop_stops_the_unit_and_the_step_starts_it_again(target, served):
+    cfg, _ = served
+    host, f = facts_of(target, cfg)
+    assert service.stop(host, cfg, f) is True
+    assert host.run(["systemctl", "is-active", "llama-server"], check=False).stdout.strip() == "inactive"
+    _, f2 = facts_of(target, cfg)
+    assert not f2["serve"].get("pid") and f2["serve"]["port"] == "closed"
+    assert service.stop(host, cfg, f2) is False                    # nothing was running
+    _, res, _ = run_step(target, cfg)
+    assert res.status == CHANGED and [c["what"] for c in res.changes] == ["start llama-server"]
+    assert service.main_pid(host) == listener_pid(host, cfg["serve"]["port"])
 
 
 @pytest.mark.parametrize("key,value", [("cache_type_k", "turbo9"), ("ctx_size", 0), ("ctx_size", -4096),
@@ -258,3 +318,46 @@ def test_server_that_exits_during_load_is_reported_with_its_log_lines(target):
     assert took < cfg["serve"]["ready_timeout"]
     _, f = facts_of(target, cfg)
     assert not f["serve"].get("pid") and not f["serve"].get("supervisor_pid")   # no restart loop left behind
+
+
+@systemd_only
+def test_mlock_holds_past_the_memlock_limit_and_is_reported_when_it_does_not(target):
+    """A model bigger than the 8 MiB memlock limit that the container's systemd cannot raise: the unit's
+    AmbientCapabilities=CAP_IPC_LOCK locks it anyway (the kernel's Locked covers the model's host buffer);
+    without the capability (a drop-in takes it away) llama.cpp warns, nothing is locked, check() reports it NOT
+    locked with that log line, and doctor finds mlock-failed."""
+    local = Path(tempfile.mkdtemp(prefix="gpubox-mlock-"))
+    big = write_tiny(local / "tiny-big.gguf", arch="llama", n_ff=32768, seed=3)      # ~25 MiB of weights
+    target.put(big, f"{target.dir}/models/{big.name}")
+    cfg = target.cfg("mlock", draft_model="", mlock=True, mmap=False)
+    cfg["models"]["files"]["model"]["filename"] = big.name
+    dropin = f"/etc/systemd/system/{service.UNIT_NAME}.d/gpubox-test-no-ipc-lock.conf"
+    host = Host(target.c)
+    try:
+        _, res, _ = run_step(target, cfg)
+        assert res.status == CHANGED, res.error
+        ml = res.info["mlock"]
+        _, f = facts_of(target, cfg)
+        limit = int(f["serve"]["memlock_limit"].split()[1])
+        assert ml["locked"] and ml["locked_kb"] * 1024 > limit > 0 and ml["locked_kb"] + 8 >= ml["need_kb"] > 0, \
+            (ml, limit)
+        print(f"\n{ml['line']}")
+        host.write_file(dropin, "[Service]\nAmbientCapabilities=\nCapabilityBoundingSet=~CAP_IPC_LOCK\n", root=True)
+        host.run(["systemctl", "daemon-reload"], root=True)
+        host.run(["systemctl", "restart", service.UNIT_NAME], root=True)
+        smoke.wait_ready(host, cfg["serve"], pid=service.main_pid(host), timeout=60,
+                         read_log=lambda: "", echo=lambda s: None)
+        _, f = facts_of(target, cfg)
+        chk = step.check(f, cfg)
+        assert chk.info["mlock"]["locked"] is False and chk.info["mlock"]["locked_kb"] == 0
+        (w,) = [x for x in chk.warnings if x.startswith("--mlock")]
+        assert "NOT (fully) locked" in w and "failed to mlock" in w
+        print(w)
+        text = service.read_log(host, cfg, f)
+        findings = doctor.diagnose(logparse.parse(text), serve=cfg["serve"], dialect="upstream", facts=f)
+        assert "mlock-failed" in [x.code for x in findings]
+    finally:
+        host.run(["rm", "-f", dropin], root=True)
+        host.run(["systemctl", "daemon-reload"], root=True)
+        _, f = facts_of(target, cfg)
+        service.stop(host, cfg, f)

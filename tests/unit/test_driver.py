@@ -161,6 +161,45 @@ def test_unreadable_module_is_attention_not_a_fake_success_or_endless_change(cfg
     assert any("cannot read the built module's version" in a for a in chk.attention)
 
 
+def test_akmods_unit_on_systemd_and_without_it(cfg):
+    def chk_for(unit, pk=BRANCH):
+        f = fedora(pk, locks=toml_for(BRANCH), module="580.119.02", loaded="580.119.02")
+        f["driver_akmods_unit"] = unit
+        return driver.check(f, cfg)
+    on = chk_for("enabled")
+    assert on.satisfied and on.attention == [] and on.info["akmods_unit"] == "enabled"
+    off = chk_for("disabled")
+    assert whats(off) == ["enable akmods.service"] and off.changes[0].commands == ["systemctl enable akmods.service"]
+    assert "builds the nvidia module at boot" in off.changes[0].why
+    masked = chk_for("masked")
+    assert masked.satisfied and "`sudo systemctl unmask akmods.service`" in masked.attention[0]
+    none = chk_for("no-systemd")
+    assert none.satisfied and none.attention == [
+        "no systemd on this host: nothing rebuilds the nvidia module at boot (akmods.service); after a kernel "
+        "update run `sudo akmods --force` before rebooting"]
+    lost = chk_for("not-found", dict(BRANCH, akmods="0.6.1-1.fc42"))
+    assert lost.satisfied and "systemd has no akmods.service" in lost.warnings[0]
+
+
+def test_apply_enables_akmods_service(cfg):
+    f = fedora(BRANCH, locks=toml_for(BRANCH), module="580.119.02")
+    f["driver_akmods_unit"] = "disabled"
+    cmds, _ = apply_with(cfg, f, {"systemctl enable akmods.service": Result()})
+    assert cmds == ["systemctl enable akmods.service"]
+    f["driver_akmods_unit"] = "no-systemd"                # no systemd: no systemctl at all
+    cmds, _ = apply_with(cfg, f, {})
+    assert cmds == []
+    # akmods not installed yet: its unit comes with the transaction; enabled afterwards unless it is
+    m = fedora(MAINLINE, module="590.48.01")
+    m["driver_akmods_unit"] = "not-found"
+    chk = driver.check(m, cfg)
+    (c,) = [c for c in chk.changes if "akmods.service" in c.what]
+    assert c.what == "enable akmods.service if the driver transaction leaves it disabled"
+    assert c.commands == [
+        "sh -c '[ \"$(systemctl is-enabled akmods.service 2>/dev/null)\" != disabled ] || systemctl enable "
+        "akmods.service'"]
+
+
 @pytest.mark.parametrize("sb,expect", [
     ({"state": "enabled", "key": "not enrolled"}, "not enrolled"),
     ({"state": "enabled", "key": "missing"}, "not created yet"),

@@ -52,11 +52,13 @@ def test_unit_and_launch_files(cfg):
     f = facts()
     r, files, _ = step.wanted(f, cfg)
     unit = files[service.UNIT_PATH]
-    for line in ("LimitMEMLOCK=infinity", "Restart=on-failure", "User=alice",
+    for line in ("LimitMEMLOCK=infinity", "AmbientCapabilities=CAP_IPC_LOCK", "Restart=on-failure", "User=alice",
                  "ExecStart=/var/lib/gpubox/serve/llama-server.sh",
                  "EnvironmentFile=/var/lib/gpubox/serve/llama-server.env",
-                 "StandardError=append:/var/lib/gpubox/serve/llama-server.log"):
+                 "SyslogIdentifier=llama-server", "LogRateLimitIntervalSec=0"):
         assert line in unit.splitlines(), line
+    assert service.UNIT_PATH == "/etc/systemd/system/llama-server.service"
+    assert "StandardOutput" not in unit and "StandardError" not in unit       # the journal keeps the log
     env = files["/var/lib/gpubox/serve/llama-server.env"]
     assert 'LD_LIBRARY_PATH="/opt/gpubox/build/llama.cpp/bin:/usr/local/cuda-12.9/lib64"' in env
     launch = files["/var/lib/gpubox/serve/llama-server.sh"]
@@ -66,6 +68,10 @@ def test_unit_and_launch_files(cfg):
     assert r.argv[r.argv.index("-m") + 1] == "/home/alice/Models/gemma-4-26B-A4B-it-Q4_K_M.gguf"
     assert "ulimit -l unlimited" in launch
     assert service.layout(cfg).supervise not in files               # systemd host: no supervisor
+    # without --mlock the server gets no capability
+    cfg["serve"]["mlock"] = False
+    unit = step.wanted(f, cfg)[1][service.UNIT_PATH]
+    assert "AmbientCapabilities" not in unit and "LimitMEMLOCK=infinity" in unit.splitlines()
 
 
 def test_scripts_are_valid_bash(cfg, tmp_path):
@@ -97,9 +103,12 @@ def test_check_satisfied_when_files_and_process_match(cfg):
     r, files, _ = step.wanted(f, cfg)
     lay = service.layout(cfg, "/home/alice")
     f["serve"].update(file_launch=service.sha(files[lay.launch]), file_env=service.sha(files[lay.env]),
-                      file_unit=service.sha(files[lay.unit]), pid="4242", argv=r.argv, port="open")
+                      file_unit=service.sha(files[lay.unit]), pid="4242", argv=r.argv, port="open",
+                      unit_UnitFileState="enabled", unit_NeedDaemonReload="no", locked_kb="2048",
+                      mlock_need_mib="2.00", memlock_limit="unlimited unlimited")
     chk = step.check(f, cfg)
-    assert chk.satisfied and chk.changes == []
+    assert chk.satisfied and chk.changes == [] and chk.warnings == []
+    assert chk.info["mlock"]["locked"] and chk.info["mlock"]["line"].startswith("--mlock: 2.0 MiB locked in RAM")
     # one setting changed: restart, and the why says what changed
     cfg2 = copy.deepcopy(cfg)
     cfg2["serve"]["n_cpu_moe"] = 24
@@ -219,3 +228,99 @@ def test_api_key_file_is_rendered_as_a_flag_and_checked_first():
     g["serve"]["api_key_file"] = ""
     with pytest.raises(config.ConfigError, match="serve.api_key_file"):
         config.validate(g)
+
+
+def _satisfied_facts(cfg, systemd="yes"):
+    f = facts(systemd=systemd)
+    r, files, _ = step.wanted(f, cfg)
+    lay = service.layout(cfg, "/home/alice")
+    f["serve"].update({"file_" + k: service.sha(files[p]) for k, p in
+                       (("launch", lay.launch), ("env", lay.env), ("unit", lay.unit), ("supervise", lay.supervise))
+                       if p in files})
+    f["serve"].update(pid="4242", argv=r.argv, port="open", unit_UnitFileState="enabled",
+                      unit_NeedDaemonReload="no", locked_kb="2048", mlock_need_mib="2.00",
+                      memlock_limit="unlimited unlimited")
+    return f
+
+
+def test_systemd_unit_disabled_or_stale_is_a_change(cfg):
+    f = _satisfied_facts(cfg)
+    f["serve"]["unit_UnitFileState"] = "disabled"
+    f["serve"]["unit_NeedDaemonReload"] = "yes"
+    chk = step.check(f, cfg)
+    assert [c.what for c in chk.changes] == ["enable llama-server.service", "systemctl daemon-reload",
+                                            "restart llama-server"]
+    assert "would not start at boot" in chk.changes[0].why
+    f["serve"]["unit_NeedDaemonReload"] = "no"                 # only disabled: enable, no restart
+    assert [c.what for c in step.check(f, cfg).changes] == ["enable llama-server.service"]
+
+
+def test_mlock_not_held_is_reported_with_the_log_line(cfg):
+    f = _satisfied_facts(cfg)
+    warn = ("warning: failed to mlock 73400320-byte buffer (after previously locking 0 bytes): "
+            "Cannot allocate memory")
+    f["serve"].update(locked_kb="0", mlock_need_mib="70.00", memlock_limit="8388608 8388608", mlock_warning=warn)
+    chk = step.check(f, cfg)
+    assert chk.satisfied                                       # the server runs: a warning, not a change
+    (w,) = chk.warnings
+    assert w.startswith("--mlock: the model is NOT (fully) locked in RAM (0.0 of 70.0 MiB locked; log: " + warn)
+    assert "8388608 8388608" in w and "AmbientCapabilities=CAP_IPC_LOCK" in w
+    assert chk.info["mlock"]["locked"] is False
+    # part of it locked (a second buffer refused): still not locked
+    f["serve"]["locked_kb"] = str(8 * 1024)
+    assert "8.0 of 70.0 MiB locked" in step.check(f, cfg).warnings[0]
+    # no buffer sizes in the log, no warning, nothing locked: not locked
+    f["serve"].update(locked_kb="0", mlock_need_mib="0", mlock_warning="")
+    assert "(0 kB locked;" in step.check(f, cfg).warnings[0]
+    # the supervisor's fix names ulimit
+    fs = _satisfied_facts(cfg, systemd="no")
+    fs["serve"].update(locked_kb="0", mlock_warning=warn)
+    assert "ulimit -l unlimited" in step.check(fs, cfg).warnings[0]
+    # --mlock not asked for: nothing to say
+    cfg["serve"]["mlock"] = False
+    f2 = _satisfied_facts(cfg)
+    f2["serve"]["locked_kb"] = "0"
+    chk = step.check(f2, cfg)
+    assert chk.info["mlock"] is None and chk.warnings == []
+
+
+def test_llama_cpp_warning_with_everything_locked_is_locked_with_the_warning_named(cfg):
+    """llama.cpp rounds the range it locks up to whole pages past its buffer; the kernel may lock the buffer's
+    mapping and refuse the rest (ENOMEM): Locked covers the buffers, so it is locked, and the report says both."""
+    f = _satisfied_facts(cfg)
+    warn = "warning: failed to mlock 25313280-byte buffer (after previously locking 0 bytes): Cannot allocate memory"
+    f["serve"].update(locked_kb="24720", mlock_need_mib="24.14", mlock_warning=warn)
+    chk = step.check(f, cfg)
+    assert chk.warnings == [] and chk.info["mlock"]["locked"] is True
+    assert "24.1 MiB locked in RAM" in chk.info["mlock"]["line"] and warn in chk.info["mlock"]["line"]
+
+
+def test_fact_snippet_reads_the_supervisors_pid_locked_memory_and_the_last_starts_mlock_lines(cfg, tmp_path):
+    """The fact snippet run for real by bash on this machine (no systemd here: the supervisor branch)."""
+    cfg["state_dir"] = str(tmp_path)
+    d = tmp_path / "serve"
+    d.mkdir()
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        (d / "llama-server.pid").write_text(f"{proc.pid}\n")
+        marker = service.START_MARKER
+        (d / "llama-server.log").write_text(
+            f"{marker} 2026-01-01T00:00:00Z pid 1 uid 0\nwarning: failed to mlock 1-byte buffer: old start\n"
+            "load_tensors:          CPU model buffer size =    99.00 MiB\n"
+            f"{marker} 2026-01-01T00:01:00Z pid 2 uid 0\nload_tensors: loading\n"
+            "warning: failed to mlock 73400320-byte buffer (after previously locking 0 bytes): Cannot allocate memory\n"
+            "warning: failed to mlock 5-byte buffer: a later line of the same start\n"
+            "load_tensors:          CPU model buffer size =    24.14 MiB\n"
+            "load_tensors:   CPU_Mapped model buffer size =     1.50 MiB\n"
+            "load_tensors:        CUDA0 model buffer size =  1000.00 MiB\n")
+        r = subprocess.run(["bash", "-c", service.fact_snippet(cfg)], capture_output=True, text=True)
+        got = service.parse_fact(r.stdout, r.returncode)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert got["pid"] == str(proc.pid) and got["argv"] == ["sleep", "30"]
+    assert got["locked_kb"] == "0"
+    assert float(got["mlock_need_mib"]) == pytest.approx(25.64)          # host-side buffers only, this start
+    assert got["memlock_limit"].split()[0] in ("unlimited",) or got["memlock_limit"].split()[0].isdigit()
+    assert got["mlock_warning"].startswith("warning: failed to mlock 73400320-byte buffer")
+    assert "unit_ActiveState" not in got                        # no systemd on this machine

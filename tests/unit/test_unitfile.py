@@ -88,7 +88,8 @@ def test_the_unescaped_unit_fails_verify(tmp_path):
     cfg, files, lay = render(tmp_path, "gpu box %h")
     materialize(files, lay, tmp_path)
     raw = service.render_template("llama-server.service.j2", model_name="m", user="root", group="root",
-                                  env_file=lay.env, launch_script=lay.launch, log_file=lay.log)
+                                  env_file=lay.env, launch_script=lay.launch, mlock=True,
+                                  unit_name=service.UNIT_NAME)
     unit = tmp_path / "raw" / service.UNIT_NAME
     unit.parent.mkdir()
     unit.write_text(raw)

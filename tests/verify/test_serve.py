@@ -19,6 +19,7 @@ def server_pid(host, gcfg, home):
         unit = host.service(service.UNIT_NAME.removesuffix(".service"))
         assert unit.is_running, f"{service.UNIT_NAME} is not running"
         assert unit.is_enabled
+        assert unit.is_valid                                  # systemd-analyze verify: the unit file is sound
         pid = host.check_output(f"systemctl show -p MainPID --value {service.UNIT_NAME}").strip()
     else:
         lay = service.layout(gcfg, home)
@@ -40,11 +41,19 @@ def test_llama_server_process(host, server_pid, gcfg, home):
     assert any(a.endswith("/" + model) for a in argv)
 
 
+def test_the_listener_is_the_server_process(host, server_pid, gcfg):
+    """The process that answers on the port is the unit's MainPID (or the supervisor's server pid)."""
+    if not host.exists("ss"):
+        pytest.skip("no ss on this host to name the listening process")
+    out = host.check_output(f"ss -Hltnp 'sport = :{gcfg['serve']['port']}'")
+    assert f"pid={server_pid}," in out, out
+
+
 def test_port_listens(host, gcfg):
     h, p = smoke.connect_host(gcfg["serve"]), gcfg["serve"]["port"]
     if host.exists("ss"):
         assert host.socket(f"tcp://{h}:{p}").is_listening
-    else:  # the sandbox chroot has no iproute2: connect with bash instead
+    else:  # a host without iproute2: connect with bash instead
         assert host.run(f"timeout 5 bash -c 'exec 3<>/dev/tcp/{h}/{p}'").rc == 0
 
 
