@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from testbed.sandbox.fixtures import pip_download
 from testbed.sandbox.paths import cache_root
@@ -117,7 +118,9 @@ def runs(sandbox, sandbox_lock, wheels, tmp_path_factory):
     reset()
     tar = subprocess.run(["tar", "-C", str(wheels), "-cf", "-", "."], capture_output=True, check=True).stdout
     ssh(sandbox, f"mkdir -p {ON_BOX}/wheels && tar -C {ON_BOX}/wheels -xf -", stdin=tar)
-    ssh(sandbox, f"cat > {ON_BOX}/overrides.yaml", stdin=Path(sandbox.overrides_file).read_bytes())
+    # The sandbox's settings, less the controller's own ssh_config_path (a file of this machine, not the box's).
+    overrides = {k: v for k, v in sandbox.overrides().items() if k != "ssh_config_path"}
+    ssh(sandbox, f"cat > {ON_BOX}/overrides.yaml", stdin=yaml.safe_dump(overrides).encode())
     pip = f"python3 $(ls {ON_BOX}/wheels/pip-*.whl)/pip"
     install = ssh(sandbox, f"{pip} install -q --no-index --find-links {ON_BOX}/wheels --break-system-packages "
                            f"--root-user-action=ignore --target {ON_BOX}/lib gpubox 2>&1; echo @@rc=$?")
