@@ -765,6 +765,7 @@ class EnsureDir(Op):
 class Clone(Op):
     """A full clone (no --depth): the build embeds the commit and its count, which a shallow clone gets wrong."""
     p: dict = field(repr=False)
+    literal = True          # its line is the one command it runs
 
     def argv(self) -> list[str]:
         return _argv(self.p, ["git", "clone", "--no-checkout", "--", self.p["url"], self.p["src"]])
