@@ -137,6 +137,14 @@ class NoHash:
         return ""
 
 
+class _OwnSide(Exception):
+    """An error of the writer (disk, progress output) inside Fetcher._get: not a network error to retry."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
 class HashingWriter:
     """The file object Fetcher._get writes to: writes, hashes and reports progress.
 
@@ -530,7 +538,10 @@ class Fetcher:
     def _get(self, url: str, w: "HashingWriter", headers: dict, size: int | None, tries: int = 5) -> None:
         """GET url into w from w.pos on (`Range: bytes=N-`), CHUNK_SIZE bytes per write (what a kill loses, and
         the progress step). A connection dropped mid-body is reopened at the new position, `tries` times in a
-        row without progress; a server that ignores Range (200) makes w start over; HTTP errors are raised."""
+        row without progress; a server that ignores Range (200) makes w start over; HTTP errors are raised.
+        An error of our own side (writing the partial file, or the progress output: a broken pipe once the
+        controller's SSH session is gone) is raised at once, never retried: the downloader then stops with
+        the partial file kept, instead of finishing a download nobody is waiting for."""
         hh, hu = self.hf()
         from huggingface_hub.errors import HfHubHTTPError  # type: ignore
         left = tries
@@ -548,11 +559,16 @@ class Fetcher:
                         w.truncate()
                     for chunk in r.iter_bytes(chunk_size=CHUNK_SIZE):
                         if chunk:
-                            w.write(chunk)
+                            try:
+                                w.write(chunk)
+                            except Exception as e:
+                                raise _OwnSide(e) from e
                 if size is None:
                     return
                 if w.pos == before:
                     raise OSError(f"the server sent no bytes at offset {w.pos} of {size}")
+            except _OwnSide as e:
+                raise e.error from None
             except HfHubHTTPError:
                 raise
             except Exception:

@@ -406,3 +406,30 @@ def test_get_reopens_a_dropped_connection_and_survives_a_server_that_ignores_ran
         assert handler.seen == [None, f"bytes={fetch.CHUNK_SIZE}-"]
     finally:
         srv.shutdown()
+
+
+def test_get_does_not_retry_an_error_of_its_own_writer(tmp_path):
+    """The controller's SSH session gone: the progress output raises BrokenPipeError. _get must stop there (the
+    partial file stays for the next run), not treat it as a dropped connection and finish the download."""
+    import http.server
+    import threading
+    data = os.urandom(3_000_000)
+    handler = type("H", (_Flaky,), {"DATA": data, "CUT": 0, "IGNORE_RANGE": False, "seen": []})
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+
+    class GonePipe(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    try:
+        f = fetch.Fetcher({"dir": str(tmp_path), "files": [], "endpoint": "http://127.0.0.1:9"}, out=io.StringIO())
+        out = io.BytesIO()
+        progress = fetch.Progress("f", total=len(data), style="machine", every_s=0.0, out=GonePipe())
+        w = fetch.HashingWriter(out, fetch.NoHash(), 0, progress)
+        with pytest.raises(BrokenPipeError):
+            f._get(f"http://127.0.0.1:{srv.server_port}/blob", w, {}, len(data))
+        assert handler.seen == [None]                  # one request: not reopened
+        assert len(out.getvalue()) == fetch.CHUNK_SIZE  # the first chunk written, then it stopped
+    finally:
+        srv.shutdown()
