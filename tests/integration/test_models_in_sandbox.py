@@ -120,11 +120,6 @@ def test_fresh_download_then_present_without_transfer(conn, hub, dirs, content):
     assert rep2.steps[0].seconds <= 1.0
 
 
-@pytest.mark.xfail(reason="cause found, fix not yet run here: Fetcher._get retried the target's own BrokenPipeError "
-                   "(the progress output once the SSH session is gone) as a dropped connection and finished the "
-                   "download, so no partial was left; _get now raises errors of its writer at once "
-                   "(tests/unit/test_fetch.py::test_get_does_not_retry_an_error_of_its_own_writer). Drop this "
-                   "marker once it passes over SSH.", strict=False)
 def test_ssh_session_killed_mid_transfer_then_resumed(conn, hub, dirs, sandbox):
     h = hub("--rate", "1000000")                        # the model (~3 MB) takes ~3 s
     model = FILES["model"]["filename"]
