@@ -496,6 +496,10 @@ def _cross_checks(cfg: dict, sources: dict) -> list[str]:
     b = cfg["build"]
     if b["profile"] not in b["profiles"]:
         bad("build.profile", b["profile"], f"must be one of: {', '.join(b['profiles'])}")
+    for name, p in b["profiles"].items():
+        if p["assistant_arch"] != ASSISTANT_ARCH[p["dialect"]]:
+            bad(f"build.profiles.{name}.assistant_arch", p["assistant_arch"],
+                f"the {p['dialect']} dialect loads an MTP head of architecture {ASSISTANT_ARCH[p['dialect']]!r}")
     if b["fallback_architectures"] == "native":
         bad("build.fallback_architectures", "native", "must be explicit numbers (it is used when no GPU is visible)")
     for forbidden in ("cuda", "cuda-drivers", "nvidia-driver"):

@@ -71,9 +71,11 @@ TIMING_HEADER_RE = re.compile(r"slot\s+print_timing: id\s+(\d+) \| task (-?\d+) 
 # A task starting to be processed (both dialects and upstream): the request in flight until its timing lines.
 TASK_START_RE = re.compile(r"slot\s+launch_slot_: id\s+(\d+) \| task (\d+) \| processing task")
 TASK_END_RE = re.compile(r"slot\s+(?:release|print_timing): id\s+(\d+) \| task (\d+) \|")
-# A process that dies: ggml's assertion/abort, the C++ runtime, the kernel's signal, the supervisor's exit line.
+# A process that dies: ggml's assertion/abort, the C++ runtime, the kernel's signal, the supervisor's exit line,
+# systemd's line about the unit's main process (in the unit's journal: `journalctl -u` shows PID 1's messages too).
 ABORT_RE = re.compile(r"GGML_ASSERT\(|GGML_ABORT|ggml_abort|terminate called|Segmentation fault|Aborted|core dumped|"
-                      r"CUDA error: |fatal error|gpubox-supervisor: llama-server exited with status (?!0;)")
+                      r"CUDA error: |fatal error|gpubox-supervisor: llama-server exited with status (?!0;)|"
+                      r"Main process exited, code=(?:dumped|killed), status=\d+/(?:ABRT|SEGV|BUS|FPE|ILL|KILL)")
 # Not errors: the draft-mtp assistant cannot make a context on its own while -fit measures memory; upstream
 # and the post-sync fork say so with an E line ("this warning is normal during memory fitting").
 BENIGN_RE = re.compile(r"normal during memory fitting|failed to measure (?:draft model memory|the memory of the extra model)")

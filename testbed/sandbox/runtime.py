@@ -50,15 +50,16 @@ BOOT_TIMEOUT = 60        # seconds for sshd to answer and systemd to reach `runn
 STOP_TIMEOUT = 15        # seconds for the container's systemd to power off before what is left is killed
 
 CUDA_REPO_BASEURL = f"file://{REPO_MOUNT}/cuda"
-# The Hugging Face repositories the sandbox serves: the configured models' names, tiny GGUFs written
-# by testbed.testmodels (owned by the serve work). The MoE main model gives --n-cpu-moe experts to move.
+# The Hugging Face repositories the sandbox serves under the configured models' names: the mini Gemma 4 twin
+# pair written by testbed.gemma4 (a `gemma4` MoE target, so --n-cpu-moe has experts to move, and its
+# `gemma4-assistant` MTP head; `rigged`: the head always agrees with the target, so drafting is accepted).
 HF_MODELS = {
-    "model": {"repo": "unsloth/gemma-4-26B-A4B-it-GGUF", "filename": "gemma-4-26B-A4B-it-Q4_K_M.gguf",
-              "kwargs": {"arch": "llama", "n_experts": 4, "seed": 1}},
+    "model": {"repo": "unsloth/gemma-4-26B-A4B-it-GGUF", "filename": "gemma-4-26B-A4B-it-Q4_K_M.gguf"},
     "assistant": {"repo": "AtomicChat/gemma-4-26B-A4B-it-assistant-GGUF",
-                  "filename": "gemma-4-26B-A4B-it-assistant.Q4_K_M.gguf", "kwargs": {"arch": "llama", "seed": 2}},
+                  "filename": "gemma-4-26B-A4B-it-assistant.Q4_K_M.gguf"},
 }
-HF_CONTENT_VERSION = 1
+HF_TWIN = {"preset": "mini", "head": "mtp", "variant": "rigged"}
+HF_CONTENT_VERSION = 2
 
 _CHILDREN: dict[int, subprocess.Popen] = {}   # Popen objects of this process, reaped by down()
 
@@ -159,19 +160,23 @@ def netns_exists() -> bool:
 
 def ensure_hf_content(p: Paths, log=_log_default) -> None:
     stamp = p.hf / ".content"
-    want = json.dumps({"v": HF_CONTENT_VERSION, "models": HF_MODELS}, sort_keys=True)
+    want = json.dumps({"v": HF_CONTENT_VERSION, "models": HF_MODELS, "twin": HF_TWIN}, sort_keys=True)
     if stamp.exists() and stamp.read_text() == want:
         return
     try:
-        from testbed.testmodels import write_tiny
+        from testbed import gemma4
     except ImportError as e:
-        raise SandboxError(f"testbed.testmodels is missing ({e}); the sandbox's HF server has nothing to serve") from e
-    for m in HF_MODELS.values():
+        raise SandboxError(f"testbed.gemma4 is missing ({e}); the sandbox's HF server has nothing to serve") from e
+    tmp = p.hf / ".twin"
+    target, head = gemma4.write_pair(tmp, **HF_TWIN)
+    for key, written in (("model", target), ("assistant", head)):
+        m = HF_MODELS[key]
         path = p.hf / m["repo"] / m["filename"]
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_tiny(path, **m["kwargs"])
+        os.replace(written, path)
     stamp.write_text(want)
-    log(f"sandbox: wrote tiny GGUFs for {', '.join(m['repo'] for m in HF_MODELS.values())} into {p.hf}")
+    log(f"sandbox: wrote the mini Gemma 4 twin pair ({HF_TWIN['variant']} head) for "
+        f"{', '.join(m['repo'] for m in HF_MODELS.values())} into {p.hf}")
 
 
 def ensure_built(p: Paths | None = None, log=_log_default) -> dict:
@@ -225,12 +230,14 @@ def _overrides(sha: str, url: str, ssh_config: Path) -> dict:
     return {"ssh_config_path": str(ssh_config), "gpubox": {
         "cuda": {"repo_baseurl": CUDA_REPO_BASEURL, "repo_gpgcheck": False},
         "build": {"repo_url": url, "sha": sha, "cuda": False, "profile": "sandbox",
-                  "profiles": {"sandbox": {"sha": sha, "dialect": "upstream", "assistant_arch": "llama"}},
+                  "profiles": {"sandbox": {"sha": sha, "dialect": "upstream", "assistant_arch": "gemma4-assistant"}},
                   "ccache_dir": f"{PERSIST_MOUNT}/ccache"},
-        # Upstream llama.cpp (no turbo KV types, no MTP head for a llama-arch assistant), CPU-only, tiny models.
+        # Upstream llama.cpp (CPU-only; no turbo KV types, no --mtp-head) serving the mini Gemma 4 pair with the
+        # MTP head for real: --spec-draft-model + --spec-type draft-mtp (the defaults' spec_type mtp, as upstream
+        # spells it). The head's embedding needs no -otd on this format (docs/serve-mtp.md).
         "serve": {"ctx_size": 4096, "cache_type_k": "f16", "cache_type_v": "f16", "cache_type_k_draft": "f16",
-                  "cache_type_v_draft": "f16", "draft_model": "", "override_tensor_draft": [], "flash_attn": "auto",
-                  "mlock": False, "ready_timeout": 120},
+                  "cache_type_v_draft": "f16", "draft_model": "assistant", "spec_type": "mtp",
+                  "override_tensor_draft": [], "flash_attn": "auto", "mlock": False, "ready_timeout": 120},
     }}
 
 
@@ -512,7 +519,10 @@ def up(p: Paths | None = None, log=_log_default) -> Info:
     with _lock(p):
         _ensure_built(p, log)
         if running(p):
-            return info(p)
+            inf = info(p)
+            # The overrides are this tree's (another checkout may have started the sandbox with its own).
+            p.overrides.write_text(yaml.safe_dump(_overrides(inf.git_sha, inf.git_url, p.ssh_config), sort_keys=False))
+            return inf
         _down_locked(p, log=lambda m: None)
         _netns_up()
         _write_ssh_config(p)

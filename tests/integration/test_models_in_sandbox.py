@@ -21,7 +21,7 @@ from invoke import Exit
 from provision import runs
 from provision import config, fetch
 from testbed.sandbox.paths import HOST_ADDRESS
-from testbed.testmodels import write_tiny
+from testbed import gemma4
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = config.defaults()["gpubox"]["models"]["files"]
@@ -60,9 +60,13 @@ class Hub:
 
 @pytest.fixture(scope="module")
 def content(tmp_path_factory):
+    # The mini Gemma 4 twin pair (the sandbox's own content): a gemma4 target and its gemma4-assistant head.
     root = tmp_path_factory.mktemp("hf")
-    write_tiny(root / FILES["model"]["repo"] / FILES["model"]["filename"], arch="llama", n_experts=4, n_embd=256, n_layers=4)
-    write_tiny(root / FILES["assistant"]["repo"] / FILES["assistant"]["filename"], arch="llama", seed=2)
+    t, h = gemma4.write_pair(root / "twin")
+    for key, p in (("model", t), ("assistant", h)):
+        dst = root / FILES[key]["repo"] / FILES[key]["filename"]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        p.rename(dst)
     return root
 
 
@@ -121,7 +125,7 @@ def test_fresh_download_then_present_without_transfer(conn, hub, dirs, content):
 
 
 def test_ssh_session_killed_mid_transfer_then_resumed(conn, hub, dirs, sandbox):
-    h = hub("--rate", "1000000")                        # the model (~3 MB) takes ~3 s
+    h = hub("--rate", "300000")                         # the model (~9.5 MB) takes ~32 s; killed after 1 MB
     model = FILES["model"]["filename"]
     partial = f"{dirs['models.dir']}/.{model}{fetch.PARTIAL_SUFFIX}"
     code = ("import sys; from provision import runs; sys.path.insert(0, 'tests/integration'); from conftest import make_connection; "
@@ -189,8 +193,9 @@ def test_disk_preflight_refuses_before_any_byte(conn, hub, dirs):
 
 def test_assistant_architecture_mismatch_names_the_fix(conn, hub, dirs):
     hub()
-    # the sandbox's assistant is `llama`; the `current` profile loads gemma4-assistant
+    # the sandbox's assistant is a post-sync head (gemma4-assistant); the `recipe` profile (pre-sync) loads
+    # gemma4_assistant
     with pytest.raises(Exit):
-        runs.run_steps(conn, ["models"], sets=sets(dirs, "build.profile=current"))
+        runs.run_steps(conn, ["models"], sets=sets(dirs, "build.profile=recipe"))
     err = latest_report(conn)["steps"][0]["error"]
-    assert "'llama'" in err and "'gemma4-assistant'" in err and "models.files.assistant.revision" in err
+    assert "'gemma4-assistant'" in err and "'gemma4_assistant'" in err and "models.files.assistant.revision" in err

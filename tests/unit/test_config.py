@@ -29,6 +29,22 @@ def test_recipe_profile_pins_pre_sync():
     assert pin["sha"].startswith("b0e900a28") and pin["dialect"] == "pre-sync"
 
 
+def test_assistant_architecture_follows_the_dialect():
+    """pre-sync builds load gemma4_assistant, post-sync and upstream gemma4-assistant; a profile that names another
+    (the sandbox's old `llama` stand-in) is a config error."""
+    c = cfg()
+    c["build"]["profiles"]["up"] = {"sha": "2" * 40, "dialect": "upstream", "assistant_arch": "gemma4-assistant"}
+    c["build"]["profile"] = "up"
+    assert config.fork_pin(config.validate(c))["assistant_arch"] == "gemma4-assistant"
+    c["build"]["profiles"]["up"]["assistant_arch"] = "llama"
+    with pytest.raises(config.ConfigError) as e:
+        config.validate(c)
+    assert "gpubox.build.profiles.up.assistant_arch = 'llama'" in str(e.value) and "'gemma4-assistant'" in str(e.value)
+    c["build"]["profiles"]["up"]["assistant_arch"] = "gemma4_assistant"
+    with pytest.raises(config.ConfigError, match="the upstream dialect loads an MTP head of architecture .gemma4-assistant."):
+        config.validate(c)
+
+
 def test_explicit_sha_overrides_profile():
     sha = "1" * 40
     c = config.validate(config.apply_sets(cfg(), [f"build.sha={sha}"]))

@@ -39,6 +39,12 @@ def test_llama_server_process(host, server_pid, gcfg, home):
     assert argv[argv.index("-c") + 1 if "-c" in argv else argv.index("--ctx-size") + 1] == str(gcfg["serve"]["ctx_size"])
     model = gcfg["models"]["files"]["model"]["filename"]
     assert any(a.endswith("/" + model) for a in argv)
+    dm, spec = gcfg["serve"].get("draft_model"), gcfg["serve"].get("spec_type", "none")
+    if dm and spec != "none":
+        # drafting configured: the server runs with the head and a speculative type (mtp / draft-mtp ...)
+        head = gcfg["models"]["files"][dm]["filename"]
+        assert any(a.endswith("/" + head) for a in argv), f"{head} is not in the server's command line"
+        assert "--spec-type" in argv and argv[argv.index("--spec-type") + 1] != "none"
 
 
 def test_the_listener_is_the_server_process(host, server_pid, gcfg):
