@@ -36,15 +36,24 @@ SMOKE_MESSAGES = [
 ]
 SMOKE_MAX_TOKENS = 32
 
-# bash-only HTTP/1.1 client: request body on stdin; prints the raw response.
+# bash-only HTTP/1.1 client: request body on stdin; prints the raw response. With serve.api_key_file ({kf} not
+# empty) the key is read ON the target from that file (its first non-empty line, as llama-server's
+# --api-key-file reads it) and sent as `Authorization: Bearer`: it never travels to the controller or onto a
+# command line (printf is a bash builtin). /health needs no key; /v1/* does.
 _CLIENT = r'''
 body=$(cat; printf x); body=${{body%x}}
 export LC_ALL=C
+auth=
+kf={kf}
+if [ -n "$kf" ]; then
+  key=$(grep -m1 . "$kf") || exit 8
+  auth="Authorization: Bearer $key"$'\r\n'
+fi
 exec 3<>/dev/tcp/{h}/{p} || exit 7
 if [ {m} = GET ]; then
-  printf '%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n' {m} {path} {hp} >&3
+  printf '%s %s HTTP/1.1\r\nHost: %s\r\n%sConnection: close\r\n\r\n' {m} {path} {hp} "$auth" >&3
 else
-  printf '%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n' {m} {path} {hp} "${{#body}}" >&3
+  printf '%s %s HTTP/1.1\r\nHost: %s\r\n%sConnection: close\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n' {m} {path} {hp} "$auth" "${{#body}}" >&3
   printf '%s' "$body" >&3
 fi
 cat <&3
@@ -99,19 +108,23 @@ def parse_response(raw: str) -> Response:
     return Response(status, body, headers)
 
 
+def client_script(serve: dict, method: str, path: str) -> str:
+    """The bash client for one request to the server `serve` describes (every value quoted)."""
+    h, p = connect_host(serve), serve["port"]
+    return sh(_CLIENT, h=h, p=p, m=method, path=path, hp=f"{h}:{p}", kf=serve.get("api_key_file") or "")
+
+
 def http_command(serve: dict, path: str, timeout: int = 10) -> str:
     """A GET as one shell command (for testinfra's host.run, which takes no stdin); parse with parse_response."""
-    h, p = connect_host(serve), serve["port"]
-    return sh("timeout {t} bash -c {s} < /dev/null", t=timeout,
-              s=sh(_CLIENT, h=h, p=p, m="GET", path=path, hp=f"{h}:{p}"))
+    return sh("timeout {t} bash -c {s} < /dev/null", t=timeout, s=client_script(serve, "GET", path))
 
 
 def http(host, serve: dict, method: str, path: str, payload: Any = None, timeout: int = 10) -> Response:
     """One HTTP request from the target to its own llama-server. status 0 = no connection."""
-    h, p = connect_host(serve), serve["port"]
-    script = sh(_CLIENT, h=h, p=p, m=method, path=path, hp=f"{h}:{p}")
     body = json.dumps(payload) if payload is not None else ""
-    r = host.run(["timeout", str(timeout), "bash", "-c", script], check=False, stdin=body)
+    # The key file is 0600 and owned by the server's user: read it as root (sudo), as the serve step checks it.
+    r = host.run(["timeout", str(timeout), "bash", "-c", client_script(serve, method, path)], check=False,
+                 stdin=body, root=bool(serve.get("api_key_file")))
     if r.exited != 0 and not (r.stdout or "").strip():
         return Response(0, (r.stderr or "").strip())
     return parse_response(r.stdout or "")

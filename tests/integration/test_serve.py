@@ -209,7 +209,14 @@ def test_prove_prints_the_smoke_line_with_draft_acceptance(target, served):
     assert any(l.startswith("log: draft ") and "(gemma4-assistant)" in l for l in lines)
 
 
-def test_random_head_is_never_accepted(target):
+def restore(target, cfg: dict) -> None:
+    """Serve the module's main settings again: on a systemd host there is one unit, which a test with other
+    settings took over (on this host each settings' state dir has its own supervisor: nothing to do)."""
+    _, res, _ = run_step(target, cfg)
+    assert res.status in (OK, CHANGED), res.error
+
+
+def test_random_head_is_never_accepted(target, served):
     """The same target with a head that always drafts a token the target never picks: acceptance 0."""
     cfg = target.cfg("random", models="random")
     host, res, _ = run_step(target, cfg)
@@ -230,6 +237,7 @@ def test_random_head_is_never_accepted(target):
     finally:
         h, f = facts_of(target, cfg)
         service.stop(h, cfg, f)
+        restore(target, served[0])
 
 
 @pytest.mark.parametrize("models,rule,words", [
@@ -277,6 +285,36 @@ def test_abort_in_the_middle_of_the_smoke_request_is_reported(target, served):
     while smoke.http(host, cfg["serve"], "GET", "/health").status != 200:
         assert time.monotonic() < deadline, f"the server was not restarted ({target.mode})"
         time.sleep(1)
+
+
+def test_api_key_file_guards_v1_and_the_proof_sends_the_key(target, served):
+    """serve.api_key_file: llama-server gets --api-key-file (the key never on its command line); a request
+    without the key gets 401 from /v1/*, /health stays open, and gpubox's own proof (smoke, models) reads the
+    key on the target and passes."""
+    cfg, _ = served
+    keyed = target.cfg("keyed", api_key_file=f"{target.dir}/keyed/api.key")
+    host, facts = facts_of(target, keyed)
+    user = service.run_user(keyed, facts)
+    host.run(["mkdir", "-p", f"{target.dir}/keyed"], root=True)
+    host.write_file(keyed["serve"]["api_key_file"], "gpubox-test-key-" + os.urandom(8).hex() + "\n",
+                    mode="0600", owner=user, root=True)
+    _, res, _ = run_step(target, keyed)
+    try:
+        assert res.status == CHANGED, res.error
+        argv = res.info["argv"]
+        assert argv[argv.index("--api-key-file") + 1] == keyed["serve"]["api_key_file"]
+        assert not [a for a in argv if a.startswith("gpubox-test-key-")]
+        bare = dict(keyed["serve"], api_key_file="")              # the same server, asked without the key
+        assert smoke.http(host, bare, "GET", "/health").status == 200
+        assert smoke.http(host, bare, "GET", "/v1/models").status == 401
+        assert smoke.http(host, keyed["serve"], "GET", "/v1/models").status == 200
+        r = smoke.smoke(host, keyed["serve"])
+        assert r.ok and r.predicted_n > 0, r.error
+        assert MODEL in " ".join(smoke.models(host, keyed["serve"]))
+    finally:
+        _, f = facts_of(target, keyed)
+        service.stop(host, keyed, f)
+        restore(target, cfg)
 
 
 def test_second_run_zero_changes(target, served):
