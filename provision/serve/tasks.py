@@ -16,7 +16,7 @@ from pathlib import Path
 
 from invoke import Collection, Exit, task
 
-from ..runs import settings
+from ..runs import locked, settings
 from .. import facts as factmod
 from ..engine import Runner, StepError, write_atomic
 from ..host import Host
@@ -74,7 +74,11 @@ def serve_(c, set=None, plan=False, no_prove=False):
     """Render the llama-server command for the built dialect, install the service, start it, prove it."""
     cfg = settings(c, set)
     host = Host(c)
-    report = Runner(host, cfg, [step], plan=plan).run()
+    if plan:   # a plan changes nothing: no lock
+        report = Runner(host, cfg, [step], plan=True).run()
+    else:      # one gpubox run at a time per box: a provision in flight may be rebuilding the binary
+        with locked(host, cfg, "serve"):
+            report = Runner(host, cfg, [step]).run()
     print(report.table())
     res = report.steps[0]
     for n in res.info.get("notes", []):
@@ -96,14 +100,15 @@ def start(c, set=None):
     """Start llama-server with the installed launch files (run `invoke serve` to install or change them)."""
     cfg = settings(c, set)
     host = Host(c)
-    facts = _facts(host, cfg)
-    if facts["serve"].get("pid"):
-        print(f"llama-server already running (pid {facts['serve']['pid']})")
-        return
-    lay = service.layout(cfg, facts.get("home") or "")
-    if not facts["serve"].get("file_launch"):
-        raise Exit(f"serve.start: nothing installed at {lay.launch}; run `invoke serve` first", code=1)
-    print(service.start(host, cfg, facts))
+    with locked(host, cfg, "serve.start"):
+        facts = _facts(host, cfg)
+        if facts["serve"].get("pid"):
+            print(f"llama-server already running (pid {facts['serve']['pid']})")
+            return
+        lay = service.layout(cfg, facts.get("home") or "")
+        if not facts["serve"].get("file_launch"):
+            raise Exit(f"serve.start: nothing installed at {lay.launch}; run `invoke serve` first", code=1)
+        print(service.start(host, cfg, facts))
 
 
 @task(iterable=["set"], help=SET_HELP)
@@ -111,8 +116,9 @@ def stop(c, set=None):
     """Stop llama-server (the unit, or the supervisor and its server)."""
     cfg = settings(c, set)
     host = Host(c)
-    facts = _facts(host, cfg)
-    print("stopped" if service.stop(host, cfg, facts) else "llama-server was not running")
+    with locked(host, cfg, "serve.stop"):
+        facts = _facts(host, cfg)
+        print("stopped" if service.stop(host, cfg, facts) else "llama-server was not running")
 
 
 @task(iterable=["set"], help=SET_HELP)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from invoke import Exit, task
 
-from ..runs import settings
+from ..runs import locked, settings
 from ..engine import write_atomic
 from ..host import Host, expand_home, sh
 from . import report
@@ -64,7 +64,10 @@ def tune(c, set=None, force=False, max_ctx=False, no_plot=False):
     host = Host(c)
     inp = inputs_from_cfg(cfg, _home(host, cfg.get("user") or ""))
     try:
-        res = run_tune(host, inp, force=force, max_ctx=max_ctx)
+        # One gpubox run at a time per box: the probes start and stop llama-servers and would measure a GPU
+        # that a provision or serve in flight is changing.
+        with locked(host, cfg, "tune"):
+            res = run_tune(host, inp, force=force, max_ctx=max_ctx)
     except NoGPU as e:
         raise Exit(str(e), code=1)
     except TuneError as e:

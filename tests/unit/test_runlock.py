@@ -128,3 +128,22 @@ def test_a_symlink_at_the_lock_path_is_refused(cfg, tmp_path):
         with runlock.run_lock(host(), cfg, "provision"):
             pass
     assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("task", ["serve", "serve.stop", "serve.start", "tune"])
+def test_serve_and_tune_wait_for_a_provision_in_flight(cfg, task):
+    """serve (and start/stop) and tune change the box too (a server started, probes on the GPU): with a
+    provision holding the lock they refuse with exit 75 and the holder's name, before gathering a fact."""
+    from invoke import Exit
+    from provision.serve import tasks as serve_tasks
+    from provision.tune import tasks as tune_tasks
+    body = {"serve": serve_tasks.serve_, "serve.stop": serve_tasks.stop, "serve.start": serve_tasks.start,
+            "tune": tune_tasks.tune}[task]
+    c = Context(Config(overrides={"run": {"in_stream": False}, "gpubox": {}}))
+    c.config.load_collection({"gpubox": config.defaults()["gpubox"]})
+    sets = [f"state_dir={cfg['state_dir']}", "lock_wait=0"]
+    with runlock.run_lock(host(), cfg, "provision", echo=lambda m: None):
+        with pytest.raises(Exit) as e:
+            body(c, set=sets)
+    assert e.value.code == runlock.EXIT_BUSY
+    assert "provision from " in str(e.value.message)
