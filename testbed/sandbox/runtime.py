@@ -31,6 +31,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -301,12 +302,35 @@ def _nspawn_leftovers() -> list[Path]:
     prop = NSPAWN_RUN / "propagate" / T.name
     if prop.exists():
         out.append(prop)
-    for d in (NSPAWN_RUN / "locks", NSPAWN_RUN / "propagate"):
-        if d.is_dir() and not [x for x in d.iterdir() if x != prop]:
+    locks = NSPAWN_RUN / "locks"
+    if locks.is_dir():
+        out += [x for x in sorted(locks.iterdir()) if _stale_lock(x)]
+    for d in (locks, NSPAWN_RUN / "propagate"):
+        if d.is_dir() and not [x for x in d.iterdir() if x != prop and x not in out]:
             out.append(d)
     if NSPAWN_RUN.is_dir() and not [x for x in NSPAWN_RUN.iterdir() if x not in out]:
         out.append(NSPAWN_RUN)
     return out
+
+
+def _stale_lock(path: Path) -> bool:
+    """An image lock file of nspawn (locks/inode-<dev>:<ino>) that no process holds: left by an nspawn that was
+    killed (a normal exit removes it). nspawn may hold it as a BSD flock or an open-file-description lock,
+    which do not conflict with each other on Linux: a file is stale only when both can be taken."""
+    if not path.is_file() or not path.name.startswith("inode-"):
+        return False
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)          # closing drops whatever this probe took
 
 
 # --- the target: systemd under systemd-nspawn ------------------------------------------------------
@@ -426,9 +450,9 @@ def _stop_target(nspawn_pid: int | None, log=_log_default) -> list[str]:
                 done.append(f"removed cgroup {cg}")
             else:
                 done.append(f"could not remove cgroup {cg} (processes: {_cgroup_pids(cg)})")
-    for path in _nspawn_leftovers():          # deepest first: the machine's directory, locks/, propagate/, nspawn/
+    for path in _nspawn_leftovers():          # deepest first: the machine's directory, stale locks, locks/, ...
         with contextlib.suppress(OSError):
-            path.rmdir()
+            path.unlink() if path.is_file() else path.rmdir()
     return done
 
 

@@ -116,7 +116,8 @@ def target(request, tmp_path_factory):
             res = Runner(Host(conn), bcfg, [build_step], echo=lambda s: None).run().steps[0]
             assert res.status in (CHANGED, OK), res.error
         t = Target(conn, "/var/tmp/gpubox-serve-it", bd, base, mode="systemd")   # the sandbox boots systemd
-        conn.run(f"rm -rf {t.dir} && mkdir -p {t.dir}", hide=True)
+        # One unit per host: an earlier module (the demo) may have left it running with its own settings.
+        conn.run(f"systemctl stop {service.UNIT_NAME}; rm -rf {t.dir} && mkdir -p {t.dir}", hide=True, warn=True)
     else:
         # This host, with the llama-server that gpubox's build step made here (tests/conftest.py llama_bin).
         server = request.getfixturevalue("llama_bin") / "llama-server"
