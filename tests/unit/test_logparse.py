@@ -216,3 +216,18 @@ def test_real_upstream_mtp_logs(variant, accepted, generated):
     # the E/W lines of the fit dry run (the head cannot make a context alone) are no load errors, no exit reason
     assert log.load_errors == [] and log.aborts == [] and log.ready
     assert not [l for l in logparse.explain_exit(text) if "ctx_other" in l or "extra model" in l]
+
+
+def test_systemd_main_process_line_is_an_abort_in_the_units_journal():
+    """Under systemd the server's own output ends where the signal hit; the unit's journal (`journalctl -u`,
+    which shows PID 1's messages about the unit too) then says how it died: that line counts as the abort."""
+    text = (f"{logparse.START_MARKER} 2026-12-01T12:00:00Z\n"
+            "main: server is listening on http://127.0.0.1:8080\n"
+            "slot launch_slot_: id  0 | task 7 | processing task, is_child = 0\n"
+            "llama-server.service: Main process exited, code=dumped, status=6/ABRT\n"
+            "llama-server.service: Failed with result 'core-dump'.\n")
+    assert logparse.explain_abort(text) == [
+        "slot launch_slot_: id  0 | task 7 | processing task, is_child = 0",
+        "llama-server.service: Main process exited, code=dumped, status=6/ABRT"]
+    # a clean stop is not an abort
+    assert logparse.explain_abort(text.replace("code=dumped, status=6/ABRT", "code=exited, status=0/SUCCESS")) == []
