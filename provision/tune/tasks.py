@@ -19,7 +19,7 @@ from ..runs import locked, settings
 from ..engine import write_atomic
 from ..host import Host, expand_home, sh
 from . import report
-from .runner import Inputs, NoGPU, TuneError, tune as run_tune
+from .runner import Inputs, NoGPU, TuneError, gpu_state, tune as run_tune
 
 HELP = {
     "set": "override a setting, KEY=VALUE (repeatable), e.g. --set tune.margin_mib=512 --set serve.ctx_size=32768",
@@ -64,6 +64,7 @@ def tune(c, set=None, force=False, max_ctx=False, no_plot=False):
     host = Host(c)
     inp = inputs_from_cfg(cfg, _home(host, cfg.get("user") or ""))
     try:
+        gpu_state(host, inp.gpu_index)    # no GPU: say so before the lock (which creates state_dir) changes anything
         # One gpubox run at a time per box: the probes start and stop llama-servers and would measure a GPU
         # that a provision or serve in flight is changing.
         with locked(host, cfg, "tune"):

@@ -131,9 +131,18 @@ def test_a_symlink_at_the_lock_path_is_refused(cfg, tmp_path):
 
 
 @pytest.mark.parametrize("task", ["serve", "serve.stop", "serve.start", "tune"])
-def test_serve_and_tune_wait_for_a_provision_in_flight(cfg, task):
+def test_serve_and_tune_wait_for_a_provision_in_flight(cfg, task, tmp_path, monkeypatch):
     """serve (and start/stop) and tune change the box too (a server started, probes on the GPU): with a
-    provision holding the lock they refuse with exit 75 and the holder's name, before gathering a fact."""
+    provision holding the lock they refuse with exit 75 and the holder's name, before gathering a fact.
+    tune asks nvidia-smi for a card before it takes the lock (no GPU: it says so and creates nothing); this
+    machine has none, so a stand-in nvidia-smi on PATH lists a GTX 1080 for that one question."""
+    if task == "tune":
+        fake = tmp_path / "bin" / "nvidia-smi"
+        fake.parent.mkdir()
+        fake.write_text("#!/bin/sh\ncase \"$*\" in *query-gpu*) echo 'NVIDIA GeForce GTX 1080, 6.1, 8192, 7900, "
+                        "580.119.02';; esac\n")
+        fake.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
     from invoke import Exit
     from provision.serve import tasks as serve_tasks
     from provision.tune import tasks as tune_tasks
