@@ -5,6 +5,7 @@
     gpubox plan                  # this machine (an Invoke Context)
     gpubox provision
     gpubox -H box1 provision     # over SSH (a Fabric Connection per host), -S for an ssh config
+    gpubox -H a,b,c fleet        # several hosts at once, one report (provision/fleet.py's Executor)
 
 The tasks are provision/tasks.py's, so `gpubox X`, `invoke X` and `fab X` in a clone run the same
 bodies. Configuration files are Invoke's layers under the name gpubox: /etc/gpubox.yaml,
@@ -19,6 +20,7 @@ from importlib import metadata
 import fabric
 from fabric.main import Fab
 
+from .fleet import Executor
 from .tasks import ns
 
 
@@ -35,7 +37,7 @@ def _version() -> str:
 
 
 program = Fab(name="gpubox", binary="gpubox", version=_version(), namespace=ns,
-              executor_class=fabric.Executor, config_class=Config)
+              executor_class=Executor, config_class=Config)
 
 
 def main() -> None:

@@ -113,6 +113,12 @@ class NotFedora(StepError):
     pass
 
 
+def failure_of(e: StepError) -> dict[str, Any]:
+    """A StepError as the report's data: the last 15 lines of output, as its message shows them."""
+    return {"cause": e.cause, "fix": e.fix, "command": e.command or "", "exited": e.exited,
+            "output": "\n".join((e.output or "").splitlines()[-15:])}
+
+
 def run_changes(host: Host, chk: Check, state: dict | None = None) -> list[str]:
     """Run the Check's operations in order, recording each line in `chk.ran` (and the step log) before it
     runs; return the notes they gave. A description-only change (no operation) is an error, not a no-op."""
@@ -158,6 +164,9 @@ class StepResult:
     ran_commands: list[str] = field(default_factory=list)  # those of them that are one command (texts)
     commands: list[dict] = field(default_factory=list)   # every command on the target, facts included
     error: str = ""
+    # The same failure as data (a fleet's report lists it per host): cause, fix, and when a command
+    # failed, the command, its exit status and its last output lines.
+    failure: dict[str, Any] = field(default_factory=dict)
     log: str = ""
 
 
@@ -222,6 +231,7 @@ class Runner:
         self.echo = echo
         self.report_dir = Path(os.path.expanduser(report_dir or cfg["report_dir"]))
         self._fact_runs = 0
+        self.current = ""        # what run() is doing now: "facts" or a step's name (a fleet names it on a crash)
 
     def gather(self) -> dict:
         self._fact_runs += 1
@@ -234,6 +244,7 @@ class Runner:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         report = Report(host=self.host.name, started=stamp, mode="plan" if self.plan else "provision")
         logdir = self.report_dir / f"{self.host.name}-{stamp}"
+        self.current = "facts"
         facts = self._start(report)
         stopped = ""
         for step in self.steps:
@@ -244,9 +255,11 @@ class Runner:
             if stopped:
                 res.error = f"not run: step {stopped} failed"
                 continue
+            self.current = step.NAME
             facts = self._step(step, facts, res, logdir)
             if res.status == FAILED and not self.plan:
                 stopped = step.NAME
+        self.current = ""
         report.fact_commands = self._fact_runs
         report.seconds = time.monotonic() - t0
         self.write(report)
@@ -292,11 +305,11 @@ class Runner:
                 else:
                     facts = self._apply(step, facts, chk, res)
             except CommandFailed as e:
-                res.status = FAILED
-                res.error = str(StepError(f"{step.NAME}: a command failed", "see the output below and the step log",
-                                          command=e.command, exited=e.exited, output=e.tail()))
+                err = StepError(f"{step.NAME}: a command failed", "see the output below and the step log",
+                                command=e.command, exited=e.exited, output=e.tail())
+                res.status, res.error, res.failure = FAILED, str(err), failure_of(err)
             except StepError as e:
-                res.status, res.error = FAILED, str(e)
+                res.status, res.error, res.failure = FAILED, str(e), failure_of(e)
             finally:
                 self.host.log = None
                 if chk is not None:
@@ -321,6 +334,9 @@ class Runner:
             res.status = FAILED
             res.error = (f"{step.NAME}: still not satisfied after apply: "
                          + "; ".join(f"{c.what} ({c.why})" for c in after.changes))
+            # No command failed: every operation ran and exited 0; what is still different is the "output".
+            res.failure = {"cause": f"{step.NAME}: still not satisfied after apply", "fix": "", "command": "",
+                           "exited": None, "output": "\n".join(f"{c.what} ({c.why})" for c in after.changes)}
         return facts
 
     def write(self, report: Report) -> None:

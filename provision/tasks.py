@@ -11,13 +11,14 @@ check, apply and verify helpers; tests/ uses the same names):
     6. models    provision/steps/models.py    the model GGUF and its MTP assistant head, verified
 
 Every task body takes `c`: an Invoke Context locally, a Fabric Connection under `-H HOST`.
+`fleet` runs plan/provision on several hosts at once: provision/fleet.py.
 """
 
 from __future__ import annotations
 
 from invoke import Collection, task
 
-from . import config, runs
+from . import config, fleet, runs
 from .serve import tasks as serve_tasks
 from .steps import STEPS
 from .tune import tasks as tune_tasks
@@ -100,6 +101,7 @@ ns = Collection(plan, provision, *STEP_TASKS, verify, report, undo)
 ns.add_collection(serve_tasks.ns)   # serve, serve.start|stop|status|logs
 ns.add_task(serve_tasks.doctor)       # doctor
 ns.add_task(tune_tasks.tune)          # tune
+ns.add_task(fleet.fleet)              # fleet: several hosts at once (provision/fleet.py, docs/fleet.md)
 # No `gpubox` defaults for Invoke: its environment loader would cast INVOKE_GPUBOX_* by their types ("false"
 # -> True, "abc" -> a traceback) and its merge refuses a file's `gpubox: [..]` over a mapping (a traceback);
 # config.load layers defaults.yaml, the files, the environment and --set itself (docs/config.md).
