@@ -4,7 +4,7 @@ gpubox's tasks (plan, provision, the six steps driver/cuda/compiler/patch/build/
 undo, serve, doctor, tune) are declared in provision/tasks.py: the installed `gpubox` command runs the
 same collection. A clone adds the test bench (testbed/, not part of the installed product):
 
-    invoke sandbox.up|down|status|reset   the Fedora-42-like sandbox host
+    invoke sandbox.up|down|status|reset   the Fedora-42-like sandbox host (up --hosts N: N of them)
     invoke demo                           the whole journey on the sandbox
 
 Their bodies import testbed only when they run, so `invoke plan`/`invoke provision` load none of it.
@@ -22,10 +22,11 @@ def _bench(name: str):
     return getattr(bench, name)
 
 
-@task
-def up(c):
-    """Create (first time, minutes) and start the sandbox host `gpubox`; prints how to reach it."""
-    _bench("up")(c)
+@task(help={"hosts": "bring up N hosts gpubox1..gpubox<N> (each its own namespace) instead of the one `gpubox`"},
+      auto_shortflags=False)
+def up(c, hosts=0):
+    """Create (first time, minutes) and start the sandbox host `gpubox` (--hosts N: gpubox1..N); says how to reach it."""
+    _bench("up")(c, hosts=hosts)
 
 
 @task

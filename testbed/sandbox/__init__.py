@@ -42,3 +42,4 @@ from Python `testbed.sandbox.up()` -> `Info`.
 
 from .paths import ADDRESS, HOST_ADDRESS, NETNS, PERSIST_MOUNT, REPO_MOUNT, GIT_MOUNT, TARGET, Paths  # noqa: F401
 from .runtime import Info, SandboxError, down, ensure_built, info, leftovers, reset, status, up  # noqa: F401
+from .runtime import FleetInfo, down_fleet, fleet_info, fleet_running, reset_fleet, up_fleet  # noqa: F401

@@ -26,6 +26,20 @@ class Target:
 
 
 TARGET = Target(name="gpubox", netns="gpubox", host_if="gpubox0", host_address="10.200.0.1", address="10.200.0.2")
+MAX_FLEET = 32
+
+
+def fleet_target(k: int) -> Target:
+    """Host k (1..MAX_FLEET) of `sandbox.up --hosts N`: gpubox<k> in network namespace gpubox<k>, its own /24
+    (host side 10.200.<k>.1, target 10.200.<k>.2); the single host `gpubox` keeps 10.200.0.x."""
+    if not 1 <= k <= MAX_FLEET:
+        raise ValueError(f"sandbox host number {k}: 1 to {MAX_FLEET}")
+    return Target(name=f"gpubox{k}", netns=f"gpubox{k}", host_if=f"vgpubox{k}", host_address=f"10.200.{k}.1",
+                  address=f"10.200.{k}.2")
+
+
+def fleet_targets(n: int) -> list[Target]:
+    return [fleet_target(k) for k in range(1, n + 1)]
 # The same values under their old names (tests and callers import these).
 NETNS, HOST_IF, HOST_ADDRESS, ADDRESS, PREFIX = (TARGET.netns, TARGET.host_if, TARGET.host_address, TARGET.address,
                                                  TARGET.prefix)
@@ -57,6 +71,18 @@ class Paths:
             return self.root / _DIRS[name]
         raise AttributeError(name)
 
+    def instance(self, t: Target) -> "Instance":
+        """The target's writable layer and start script: instance/ for `gpubox` (as before), instances/<name>/
+        for the hosts of a fleet; all share base/ and pristine/ as their lower layers."""
+        if t.name == TARGET.name:
+            return Instance(self.root / "instance", self.root / "logs" / "target.log")
+        return Instance(self.root / "instances" / t.name, self.root / "logs" / f"{t.name}.log")
+
+    @property
+    def fleet_state(self) -> Path:
+        """What `up --hosts N` started (hosts, PIDs, the fleet's HF server); the single host's is state.json."""
+        return self.root / "fleet.json"
+
     @property
     def lock(self) -> Path:
         """The flock that serialises users of the one sandbox (tests, demo, bench)."""
@@ -85,3 +111,26 @@ _DIRS = {
     "state": "state.json",
     "start": "instance/nspawn.sh",
 }
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One target's own files: overlay upper and work directories, the mount point, the start script, its log."""
+    root: Path
+    log: Path
+
+    @property
+    def upper(self) -> Path:
+        return self.root / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def start(self) -> Path:
+        return self.root / "nspawn.sh"

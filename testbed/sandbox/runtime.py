@@ -41,7 +41,8 @@ from pathlib import Path
 import yaml
 
 from . import fixtures, gitmirror, rootfs
-from .paths import GIT_MOUNT, HF_PORT, PERSIST_MOUNT, REPO_MOUNT, REPO_ROOT, TARGET, Paths
+from .paths import (GIT_MOUNT, HF_PORT, MAX_FLEET, PERSIST_MOUNT, REPO_MOUNT, REPO_ROOT, TARGET, Paths, Target,
+                    fleet_targets)
 
 T = TARGET
 ADDRESS, HOST_ADDRESS, NETNS = T.address, T.host_address, T.netns
@@ -153,8 +154,8 @@ def _wait_port(host: str, port: int, seconds: float, pid: int | None = None, wha
     raise SandboxError(f"{what} did not answer on {host}:{port} within {seconds:.0f}s")
 
 
-def netns_exists() -> bool:
-    return Path(f"/run/netns/{T.netns}").exists()
+def netns_exists(t: Target = T) -> bool:
+    return Path(f"/run/netns/{t.netns}").exists()
 
 
 # --- build ------------------------------------------------------------------------------------------
@@ -193,10 +194,12 @@ def _ensure_built(p: Paths, log) -> dict:
 
     def before_replace():
         # Only this cache's own sandbox (state.json): another cache's sandbox may hold the namespace.
-        if _state(p):
+        if _state(p) or _fleet_state(p):
             log("sandbox: the recipe changed: stopping the running sandbox before rebuilding")
             _down_locked(p, log)
         _wipe_upper(p)
+        for t in _fleet_dirs(p):
+            _wipe_upper(p, t)
 
     require_root()
     p.root.mkdir(parents=True, exist_ok=True)
@@ -219,11 +222,19 @@ def _ensure_built(p: Paths, log) -> dict:
 
 # --- up / down --------------------------------------------------------------------------------------
 
-def _write_ssh_config(p: Paths) -> None:
+def _write_ssh_config(p: Paths, fleet: list[Target] | None = None) -> None:
+    """One ssh config for every host of this sandbox: `gpubox`, and gpubox1..N while a fleet is up
+    (fleet=None: the hosts fleet.json lists)."""
     p.ssh.mkdir(parents=True, exist_ok=True)
-    text = fixtures.render("etc/ssh_config.j2", path=p.ssh_config, name=T.name, address=T.address, identity=p.key,
-                           control_path=p.ssh / "cm-%C")
-    p.ssh_config.write_text(text)
+    if fleet is None:
+        fleet = _fleet_targets_of(_fleet_state(p))
+    # One block per host from the one-host template (the templates are part of the root's recipe hash:
+    # a change there would rebuild the shared pristine layer).
+    text = "\n".join(fixtures.render("etc/ssh_config.j2", path=p.ssh_config, name=t.name, address=t.address,
+                                      identity=p.key, control_path=p.ssh / "cm-%C") for t in [T, *fleet])
+    tmp = p.ssh_config.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, p.ssh_config)
 
 
 def _overrides(sha: str, url: str, ssh_config: Path) -> dict:
@@ -242,16 +253,21 @@ def _overrides(sha: str, url: str, ssh_config: Path) -> dict:
     }}
 
 
-def _netns_up() -> None:
-    if not netns_exists():
-        _run(["ip", "netns", "add", T.netns])
-    if _run(["ip", "link", "show", T.host_if], check=False).returncode != 0:
-        _run(["ip", "link", "add", T.host_if, "type", "veth", "peer", "name", "eth0", "netns", T.netns])
-        _run(["ip", "addr", "add", f"{T.host_address}/{T.prefix}", "dev", T.host_if])
-        _run(["ip", "-n", T.netns, "addr", "add", f"{T.address}/{T.prefix}", "dev", "eth0"])
-    _run(["ip", "link", "set", T.host_if, "up"])
-    _run(["ip", "-n", T.netns, "link", "set", "eth0", "up"])
-    _run(["ip", "-n", T.netns, "link", "set", "lo", "up"])
+def _netns_up(t: Target = T, hf_address: str | None = None) -> None:
+    """The target's network namespace and veth pair. `hf_address`: a host-side address on another veth (the
+    fleet's HF server) the target reaches through its own gateway: the host delivers a packet for any of its
+    own addresses locally, so no forwarding between namespaces is turned on."""
+    if not netns_exists(t):
+        _run(["ip", "netns", "add", t.netns])
+    if _run(["ip", "link", "show", t.host_if], check=False).returncode != 0:
+        _run(["ip", "link", "add", t.host_if, "type", "veth", "peer", "name", "eth0", "netns", t.netns])
+        _run(["ip", "addr", "add", f"{t.host_address}/{t.prefix}", "dev", t.host_if])
+        _run(["ip", "-n", t.netns, "addr", "add", f"{t.address}/{t.prefix}", "dev", "eth0"])
+    _run(["ip", "link", "set", t.host_if, "up"])
+    _run(["ip", "-n", t.netns, "link", "set", "eth0", "up"])
+    _run(["ip", "-n", t.netns, "link", "set", "lo", "up"])
+    if hf_address and hf_address != t.host_address:
+        _run(["ip", "-n", t.netns, "route", "replace", f"{hf_address}/32", "via", t.host_address, "dev", "eth0"])
 
 
 # --- cgroups: nspawn runs in one of its own, in every hierarchy this machine mounts -------------------
@@ -268,8 +284,8 @@ def cgroup_roots() -> list[Path]:
                        "(systemd.unified_cgroup_hierarchy=1) or mount one")
 
 
-def cgroups() -> list[Path]:
-    return [r / T.cgroup for r in cgroup_roots()]
+def cgroups(t: Target = T) -> list[Path]:
+    return [r / t.cgroup for r in cgroup_roots()]
 
 
 def _cgroup_pids(cg: Path) -> list[int]:
@@ -294,19 +310,18 @@ def _rm_cgroup(cg: Path) -> bool:
     return not cg.is_dir()
 
 
-def _nspawn_leftovers() -> list[Path]:
-    """What systemd-nspawn leaves under /run/systemd/nspawn once the container is gone: this machine's
-    propagation directory (`machinectl bind`), and the directories locks/ and propagate/ (and nspawn/)
-    themselves when empty, i.e. when no other container on this machine uses them."""
+def _nspawn_leftovers(names: list[str] | None = None) -> list[Path]:
+    """What systemd-nspawn leaves under /run/systemd/nspawn once the containers are gone: the propagation
+    directory of each of the named machines (`machinectl bind`; default: `gpubox`), and the directories locks/
+    and propagate/ (and nspawn/) themselves when empty, i.e. when no other container on this machine uses them."""
     out = []
-    prop = NSPAWN_RUN / "propagate" / T.name
-    if prop.exists():
-        out.append(prop)
+    props = [NSPAWN_RUN / "propagate" / n for n in (names or [T.name])]
+    out += [x for x in props if x.exists()]
     locks = NSPAWN_RUN / "locks"
     if locks.is_dir():
         out += [x for x in sorted(locks.iterdir()) if _stale_lock(x)]
     for d in (locks, NSPAWN_RUN / "propagate"):
-        if d.is_dir() and not [x for x in d.iterdir() if x != prop and x not in out]:
+        if d.is_dir() and not [x for x in d.iterdir() if x not in props and x not in out]:
             out.append(d)
     if NSPAWN_RUN.is_dir() and not [x for x in NSPAWN_RUN.iterdir() if x not in out]:
         out.append(NSPAWN_RUN)
@@ -364,47 +379,59 @@ def nsenter(init_pid: int, *argv: str, timeout: float = 30) -> subprocess.Comple
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _target_log_tail(p: Paths) -> str:
+def _target_log_tail(p: Paths, t: Target = T) -> str:
     with contextlib.suppress(FileNotFoundError):
-        return (p.logs / "target.log").read_text(errors="replace")[-1500:]
+        return p.instance(t).log.read_text(errors="replace")[-1500:]
     return ""
 
 
-def _prepare_upper(p: Paths) -> None:
+def _prepare_upper(p: Paths, t: Target = T) -> None:
     """Per-host files written into the upper layer before boot: hostname and machine id (derived from the
     name: stable across resets, distinct per host; systemd would otherwise treat every boot as a first boot)."""
-    for d in (p.upper, p.work, p.merged):
+    inst = p.instance(t)
+    for d in (inst.upper, inst.work, inst.merged):
         d.mkdir(parents=True, exist_ok=True)
-    etc = p.upper / "etc"
+    etc = inst.upper / "etc"
     etc.mkdir(exist_ok=True)
-    (etc / "hostname").write_text(T.name + "\n")
-    (etc / "machine-id").write_text(hashlib.md5(f"gpubox-sandbox:{T.name}".encode()).hexdigest() + "\n")
+    (etc / "hostname").write_text(t.name + "\n")
+    (etc / "machine-id").write_text(hashlib.md5(f"gpubox-sandbox:{t.name}".encode()).hexdigest() + "\n")
 
 
-def _start_target(p: Paths, log=_log_default) -> tuple[int, int]:
+def _start_target(p: Paths, log=_log_default, t: Target = T) -> tuple[int, int]:
     """Boot the target; returns (pid of systemd-nspawn, host pid of the container's systemd)."""
+    return _await_target(p, _spawn_target(p, t), t)
+
+
+def _spawn_target(p: Paths, t: Target = T) -> subprocess.Popen:
+    """Start the target's systemd-nspawn (its own cgroup, overlay upper layer and network namespace)."""
     if not shutil.which("systemd-nspawn"):
         raise SandboxError("systemd-nspawn is not installed; fix: apt-get install --no-install-recommends "
                            "systemd-container (scripts/setup does)")
-    _prepare_upper(p)
-    cgs = cgroups()
+    _prepare_upper(p, t)
+    inst = p.instance(t)
+    cgs = cgroups(t)
     for cg in cgs:
         if _cgroup_pids(cg):
             raise SandboxError(f"cgroup {cg} still has processes (an earlier sandbox?); fix: invoke sandbox.down")
         _rm_cgroup(cg)
         cg.mkdir(parents=True, exist_ok=True)
-    script = fixtures.render("etc/nspawn.sh.j2", name=T.name, netns=T.netns, cgroups=[str(c) for c in cgs],
-                             merged=p.merged, lower=f"{p.pristine}:{p.base}", upper=p.upper, work=p.work,
+    script = fixtures.render("etc/nspawn.sh.j2", name=t.name, netns=t.netns, cgroups=[str(c) for c in cgs],
+                             merged=inst.merged, lower=f"{p.pristine}:{p.base}", upper=inst.upper, work=inst.work,
                              repos=p.repos, repo_mount=REPO_MOUNT, git=p.git, git_mount=GIT_MOUNT,
                              persist=p.persist, persist_mount=PERSIST_MOUNT)
-    p.start.write_text(script)
-    logf = open(p.logs / "target.log", "ab")
-    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", str(p.start)],
+    inst.start.write_text(script)
+    logf = open(inst.log, "ab")
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", str(inst.start)],
                             stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     logf.close()
     _CHILDREN[proc.pid] = proc
+    return proc
+
+
+def _await_target(p: Paths, proc: subprocess.Popen, t: Target = T) -> tuple[int, int]:
+    """Wait for a spawned target: sshd answers and systemd says running; (nspawn pid, container systemd pid)."""
     try:
-        _wait_port(T.address, 22, BOOT_TIMEOUT, proc.pid, "the sandbox's sshd (ssh.service)")
+        _wait_port(t.address, 22, BOOT_TIMEOUT, proc.pid, f"{t.name}'s sshd (ssh.service)")
         init = container_init(proc.pid)
         if init is None:
             raise SandboxError("systemd-nspawn runs but its container has no PID 1")
@@ -412,16 +439,16 @@ def _start_target(p: Paths, log=_log_default) -> tuple[int, int]:
         state = r.stdout.strip()
         if state != "running":
             failed = nsenter(init, "systemctl", "--failed", "--no-legend", "--plain").stdout.strip()
-            raise SandboxError(f"the sandbox's systemd is {state or r.stderr.strip()!r}, not running; failed units:\n"
+            raise SandboxError(f"{t.name}'s systemd is {state or r.stderr.strip()!r}, not running; failed units:\n"
                                f"{failed or '(none listed)'}\nfix: read `journalctl -b` in the target "
-                               f"(ssh -F {p.ssh_config} {T.name} journalctl -b)")
+                               f"(ssh -F {p.ssh_config} {t.name} journalctl -b)")
     except (SandboxError, subprocess.TimeoutExpired) as e:
-        _stop_target(proc.pid, log=lambda m: None)
-        raise SandboxError(f"{e}; target log ({p.logs / 'target.log'}):\n{_target_log_tail(p)}") from None
+        _stop_target(proc.pid, log=lambda m: None, t=t)
+        raise SandboxError(f"{e}; target log ({p.instance(t).log}):\n{_target_log_tail(p, t)}") from None
     return proc.pid, init
 
 
-def _stop_target(nspawn_pid: int | None, log=_log_default) -> list[str]:
+def _stop_target(nspawn_pid: int | None, log=_log_default, t: Target = T) -> list[str]:
     """Power the target off (SIGTERM to nspawn: the container's systemd shuts down), then kill whatever is
     still in its cgroup, and remove the cgroups and nspawn's leftovers."""
     done = []
@@ -434,7 +461,7 @@ def _stop_target(nspawn_pid: int | None, log=_log_default) -> list[str]:
         else:
             done.append(f"powered off the target (systemd-nspawn pid {nspawn_pid}) in {time.monotonic() - t0:.1f}s")
     roots = cgroup_roots() if CGROUP_FS.is_dir() else []
-    for cg in (r / T.cgroup for r in roots):
+    for cg in (r / t.cgroup for r in roots):
         for _ in range(50):
             pids = _cgroup_pids(cg)
             if not pids:
@@ -450,23 +477,23 @@ def _stop_target(nspawn_pid: int | None, log=_log_default) -> list[str]:
                 done.append(f"removed cgroup {cg}")
             else:
                 done.append(f"could not remove cgroup {cg} (processes: {_cgroup_pids(cg)})")
-    for path in _nspawn_leftovers():          # deepest first: the machine's directory, stale locks, locks/, ...
+    for path in _nspawn_leftovers([t.name]):   # deepest first: the machine's directory, stale locks, locks/, ...
         with contextlib.suppress(OSError):
             path.unlink() if path.is_file() else path.rmdir()
     return done
 
 
-def _start_hf(p: Paths) -> int | None:
+def _start_hf(p: Paths, address: str = T.host_address, name: str = "hfserver") -> int | None:
     if not (REPO_ROOT / "testbed" / "hfserver.py").exists():
         return None
-    logf = open(p.logs / "hfserver.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "testbed.hfserver", "--root", str(p.hf), "--host", T.host_address,
+    logf = open(p.logs / f"{name}.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.hfserver", "--root", str(p.hf), "--host", address,
                              "--port", str(HF_PORT), "--log", str(p.logs / "hf-requests.jsonl")],
                             cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                             start_new_session=True)
     logf.close()
     _CHILDREN[proc.pid] = proc
-    _wait_port(T.host_address, HF_PORT, 10, proc.pid, "the local Hugging Face server")
+    _wait_port(address, HF_PORT, 10, proc.pid, "the local Hugging Face server")
     return proc.pid
 
 
@@ -485,16 +512,16 @@ def _kill(pid: int, sig=signal.SIGKILL, wait: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def _netns_pids() -> list[int]:
-    if not netns_exists():
+def _netns_pids(t: Target = T) -> list[int]:
+    if not netns_exists(t):
         return []
-    r = _run(["ip", "netns", "pids", T.netns], check=False)
+    r = _run(["ip", "netns", "pids", t.netns], check=False)
     return [int(x) for x in r.stdout.split() if x.isdigit()]
 
 
-def _close_master(p: Paths) -> None:
+def _close_master(p: Paths, t: Target = T) -> None:
     if p.ssh_config.exists():
-        subprocess.run(["ssh", "-F", str(p.ssh_config), "-O", "exit", T.name], capture_output=True, timeout=10)
+        subprocess.run(["ssh", "-F", str(p.ssh_config), "-O", "exit", t.name], capture_output=True, timeout=10)
 
 
 def _state(p: Paths) -> dict:
@@ -514,10 +541,10 @@ def info(p: Paths | None = None) -> Info | None:
     return _info_from_state(p, st) if st.get("ssh_config") else None
 
 
-def _in_netns(pid: int) -> bool:
-    """Is the process in the sandbox's network namespace (not another one of the same name's past)?"""
+def _in_netns(pid: int, t: Target = T) -> bool:
+    """Is the process in the target's network namespace (not another one of the same name's past)?"""
     try:
-        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{T.netns}").st_ino
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{t.netns}").st_ino
     except OSError:
         return False
 
@@ -547,14 +574,14 @@ def up(p: Paths | None = None, log=_log_default) -> Info:
             # The overrides are this tree's (another checkout may have started the sandbox with its own).
             p.overrides.write_text(yaml.safe_dump(_overrides(inf.git_sha, inf.git_url, p.ssh_config), sort_keys=False))
             return inf
-        _down_locked(p, log=lambda m: None)
+        _down_single_locked(p, log=lambda m: None)
         _netns_up()
         _write_ssh_config(p)
         try:
             target, init = _start_target(p, log)
             hf = _start_hf(p)
         except SandboxError:
-            _down_locked(p, log=lambda m: None)
+            _down_single_locked(p, log=lambda m: None)
             raise
         url, sha = gitmirror.ensure(p, log)
         p.overrides.write_text(yaml.safe_dump(_overrides(sha, url, p.ssh_config), sort_keys=False))
@@ -568,7 +595,8 @@ def up(p: Paths | None = None, log=_log_default) -> Info:
         return inf
 
 
-def _down_locked(p: Paths, log=_log_default) -> list[str]:
+def _down_single_locked(p: Paths, log=_log_default) -> list[str]:
+    """Stop the single host `gpubox` and its HF server (a fleet of this cache stays up)."""
     done = []
     st = _state(p)
     pids = st.get("pids") or {}
@@ -578,27 +606,38 @@ def _down_locked(p: Paths, log=_log_default) -> list[str]:
     if hf and _alive(hf):
         _kill(hf)
         done.append(f"stopped hfserver (pid {hf})")
-    for pid in _netns_pids():    # anything else still in the namespace (left by an earlier crash)
-        _kill(pid)
-        done.append(f"killed pid {pid} left in netns {T.netns}")
-    if _run(["ip", "link", "show", T.host_if], check=False).returncode == 0:
-        _run(["ip", "link", "del", T.host_if], check=False)
-    if netns_exists():
-        _run(["ip", "netns", "del", T.netns])
-        done.append(f"removed netns {T.netns}")
+    done += _netns_down(T)
     for pid in list(_CHILDREN):
         if not _alive(pid):
             _kill(pid)
     p.state.unlink(missing_ok=True)
-    for d in p.ssh.glob("cm-*") if p.ssh.exists() else ():
-        d.unlink(missing_ok=True)
+    if not _fleet_state(p):
+        for d in p.ssh.glob("cm-*") if p.ssh.exists() else ():
+            d.unlink(missing_ok=True)
     for line in done:
         log("sandbox: " + line)
     return done
 
 
+def _netns_down(t: Target) -> list[str]:
+    done = []
+    for pid in _netns_pids(t):    # anything else still in the namespace (left by an earlier crash)
+        _kill(pid)
+        done.append(f"killed pid {pid} left in netns {t.netns}")
+    if _run(["ip", "link", "show", t.host_if], check=False).returncode == 0:
+        _run(["ip", "link", "del", t.host_if], check=False)
+    if netns_exists(t):
+        _run(["ip", "netns", "del", t.netns])
+        done.append(f"removed netns {t.netns}")
+    return done
+
+
+def _down_locked(p: Paths, log=_log_default) -> list[str]:
+    return _down_fleet_locked(p, log) + _down_single_locked(p, log)
+
+
 def down(p: Paths | None = None, log=_log_default) -> list[str]:
-    """Stop everything `up` started; harmless when nothing is up. Leaves the cache."""
+    """Stop everything `up` and `up --hosts N` started; harmless when nothing is up. Leaves the cache."""
     p = p or Paths.default()
     require_root()
     with _lock(p):
@@ -624,38 +663,242 @@ def reset(p: Paths | None = None, log=_log_default) -> Info:
         try:
             st["pids"]["target"], st["pids"]["init"] = _start_target(p, log)
         except SandboxError:
-            _down_locked(p, log=lambda m: None)
+            _down_single_locked(p, log=lambda m: None)
             raise
         p.state.write_text(json.dumps(st, indent=2))
         return _info_from_state(p, st)
 
 
-def _wipe_upper(p: Paths) -> None:
-    for d in (p.upper, p.work):
+# --- a fleet: gpubox1 ... gpubox<N>, each its own target, sharing the layers, repos, mirror and HF content ---
+
+@dataclass
+class FleetInfo:
+    ssh_config: str
+    hosts: list[str]
+    addresses: dict
+    hf_endpoint: str            # the fleet's HF server, on gpubox1's host side; every host has a route to it
+    git_url: str
+    git_sha: str
+    cuda_repo_baseurl: str
+    overrides_file: str
+    fab_command: str
+    pids: dict = field(default_factory=dict)    # host -> {"target": nspawn pid, "init": systemd pid}
+    hfserver: int | None = None
+
+    def overrides(self) -> dict:
+        return yaml.safe_load(Path(self.overrides_file).read_text())
+
+    def gpubox_config(self, report_dir: str | Path) -> dict:
+        return Info.gpubox_config(self, report_dir)     # the same overrides as the single host's
+
+
+def _fleet_state(p: Paths) -> dict:
+    try:
+        return json.loads(p.fleet_state.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _fleet_targets_of(st: dict) -> list[Target]:
+    return fleet_targets(len(st.get("hosts") or []))
+
+
+def _fleet_dirs(p: Paths) -> list[Target]:
+    """Every fleet host this cache has a writable layer for (instances/gpubox<k>)."""
+    d = p.root / "instances"
+    ks = sorted(int(x.name[6:]) for x in d.iterdir() if x.name[6:].isdigit()) if d.is_dir() else []
+    return [fleet_targets(k)[-1] for k in ks if 1 <= k <= MAX_FLEET]
+
+
+def fleet_info(p: Paths | None = None) -> FleetInfo | None:
+    p = p or Paths.default()
+    st = _fleet_state(p)
+    return FleetInfo(**{k: st[k] for k in FleetInfo.__dataclass_fields__}) if st.get("hosts") else None
+
+
+def fleet_running(p: Paths | None = None) -> bool:
+    """Every host of fleet.json is up (nspawn and its systemd alive in the host's namespace, sshd answers) and
+    the fleet's HF server lives."""
+    p = p or Paths.default()
+    st = _fleet_state(p)
+    if not st.get("hosts"):
+        return False
+    if st.get("hfserver") and not _alive(st["hfserver"]):
+        return False
+    for t in _fleet_targets_of(st):
+        pids = (st.get("pids") or {}).get(t.name) or {}
+        if not (pids.get("target") and _alive(pids["target"]) and netns_exists(t)):
+            return False
+        if not (pids.get("init") and _alive(pids["init"]) and _in_netns(pids["init"], t)):
+            return False
+        if not _port_open(t.address, 22):
+            return False
+    return True
+
+
+def up_fleet(n: int, p: Paths | None = None, log=_log_default) -> FleetInfo:
+    """Hosts gpubox1..gpubox<n>, booted together: each its own namespace, veth, cgroup, overlay upper layer
+    (instances/<name>) and nspawn machine; one ssh config names them all (and `gpubox`). Running again with
+    the same n while they are up only checks them; another n replaces the fleet."""
+    p = p or Paths.default()
+    require_root()
+    if not 1 <= n <= MAX_FLEET:
+        raise SandboxError(f"--hosts {n}: the sandbox makes 1 to {MAX_FLEET} hosts")
+    with _lock(p):
+        _ensure_built(p, log)
+        st = _fleet_state(p)
+        if len(st.get("hosts") or []) == n and fleet_running(p):
+            inf = fleet_info(p)
+            p.overrides.write_text(yaml.safe_dump(_overrides(inf.git_sha, inf.git_url, p.ssh_config), sort_keys=False))
+            return inf
+        _down_fleet_locked(p, log=lambda m: None)
+        ts = fleet_targets(n)
+        hf_addr = ts[0].host_address
+        for t in ts:
+            _netns_up(t, hf_address=hf_addr)
+        _write_ssh_config(p, ts)
+        # fleet.json first: a failure from here on leaves what `down` needs to find
+        state = {"hosts": [t.name for t in ts], "pids": {}, "hfserver": None}
+        p.fleet_state.write_text(json.dumps(state))
+        try:
+            procs = [(t, _spawn_target(p, t)) for t in ts]        # all boot at once
+            for t, proc in procs:
+                state["pids"][t.name] = {"target": proc.pid, "init": None}
+            p.fleet_state.write_text(json.dumps(state))
+            for t, proc in procs:
+                target, init = _await_target(p, proc, t)
+                state["pids"][t.name] = {"target": target, "init": init}
+            state["hfserver"] = _start_hf(p, hf_addr, name="hfserver-fleet")
+        except SandboxError:
+            p.fleet_state.write_text(json.dumps(state))
+            _down_fleet_locked(p, log=lambda m: None)
+            raise
+        url, sha = gitmirror.ensure(p, log)
+        p.overrides.write_text(yaml.safe_dump(_overrides(sha, url, p.ssh_config), sort_keys=False))
+        hf_url = f"http://{hf_addr}:{HF_PORT}" if state["hfserver"] else ""
+        hosts = ",".join(state["hosts"])
+        inf = FleetInfo(ssh_config=str(p.ssh_config), hosts=state["hosts"], addresses={t.name: t.address for t in ts},
+                        hf_endpoint=hf_url, git_url=url, git_sha=sha, cuda_repo_baseurl=CUDA_REPO_BASEURL,
+                        overrides_file=str(p.overrides),
+                        fab_command=f"HF_ENDPOINT={hf_url} fab -S {p.ssh_config} -f {p.overrides} fleet --hosts {hosts}",
+                        pids=state["pids"], hfserver=state["hfserver"])
+        p.fleet_state.write_text(json.dumps(asdict(inf), indent=2))
+        return inf
+
+
+def _down_fleet_locked(p: Paths, log=_log_default) -> list[str]:
+    st = _fleet_state(p)
+    ts = _fleet_targets_of(st)
+    done = []
+    for t in ts:
+        _close_master(p, t)
+    for t in ts:   # SIGTERM to every nspawn first: the containers power off together
+        pid = ((st.get("pids") or {}).get(t.name) or {}).get("target")
+        if pid and _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    for t in ts:
+        done += _stop_target(((st.get("pids") or {}).get(t.name) or {}).get("target"), log, t)
+        done += _netns_down(t)
+    hf = st.get("hfserver")
+    if hf and _alive(hf):
+        _kill(hf)
+        done.append(f"stopped the fleet's hfserver (pid {hf})")
+    for pid in list(_CHILDREN):
+        if not _alive(pid):
+            _kill(pid)
+    if st:
+        p.fleet_state.unlink(missing_ok=True)
+        _write_ssh_config(p, [])
+        if not _state(p):
+            for d in p.ssh.glob("cm-*") if p.ssh.exists() else ():
+                d.unlink(missing_ok=True)
+    for line in done:
+        log("sandbox: " + line)
+    return done
+
+
+def down_fleet(p: Paths | None = None, log=_log_default) -> list[str]:
+    """Stop the fleet's hosts and its HF server (the single host `gpubox`, if up, stays)."""
+    p = p or Paths.default()
+    require_root()
+    with _lock(p):
+        return _down_fleet_locked(p, log)
+
+
+def reset_fleet(p: Paths | None = None, log=_log_default) -> FleetInfo | None:
+    """Every fleet host back to pristine: all power off, their upper layers go, all boot again together."""
+    p = p or Paths.default()
+    require_root()
+    with _lock(p):
+        st = _fleet_state(p)
+        if not st.get("hosts") or not fleet_running(p):
+            for t in _fleet_dirs(p):
+                _wipe_upper(p, t)
+            return None
+        ts = _fleet_targets_of(st)
+        for t in ts:
+            _close_master(p, t)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(st["pids"][t.name]["target"], signal.SIGTERM)
+        for t in ts:
+            _stop_target(st["pids"][t.name]["target"], log, t)
+            for pid in _netns_pids(t):
+                _kill(pid)
+            _wipe_upper(p, t)
+        try:
+            procs = [(t, _spawn_target(p, t)) for t in ts]
+            for t, proc in procs:
+                st["pids"][t.name] = {"target": proc.pid, "init": None}
+            for t, proc in procs:
+                target, init = _await_target(p, proc, t)
+                st["pids"][t.name] = {"target": target, "init": init}
+        except SandboxError:
+            p.fleet_state.write_text(json.dumps(st, indent=2))
+            _down_fleet_locked(p, log=lambda m: None)
+            raise
+        p.fleet_state.write_text(json.dumps(st, indent=2))
+        return fleet_info(p)
+
+
+def _wipe_upper(p: Paths, t: Target = T) -> None:
+    inst = p.instance(t)
+    for d in (inst.upper, inst.work):
         if d.exists():
             _run(["rm", "-rf", "--one-file-system", d])
 
 
 def leftovers(p: Paths | None = None) -> list[str]:
-    """What of a sandbox is still on this machine: processes in its cgroups or network namespace, mounts of
-    its cache or namespace, its cgroups, veth, namespace, nspawn's run-time files. [] after `down`."""
+    """What of a sandbox is still on this machine: processes in its cgroups or network namespaces, mounts of
+    its cache or namespaces, its cgroups, veths, namespaces, nspawn's run-time files; for `gpubox` and every
+    possible fleet host gpubox1..gpubox{MAX_FLEET}. [] after `down`."""
     p = p or Paths.default()
     left = []
-    for cg in (r / T.cgroup for r in (cgroup_roots() if CGROUP_FS.is_dir() else [])):
-        if cg.exists():
-            left.append(f"cgroup {cg}" + (f" (pids {_cgroup_pids(cg)})" if _cgroup_pids(cg) else ""))
-    left += [f"pid {pid} in netns {T.netns}" for pid in _netns_pids()]
-    if netns_exists():
-        left.append(f"netns {T.netns}")
-    if _run(["ip", "link", "show", T.host_if], check=False).returncode == 0:
-        left.append(f"veth {T.host_if}")
+    ts = [T, *fleet_targets(MAX_FLEET)]
+    roots = cgroup_roots() if CGROUP_FS.is_dir() else []
+    for t in ts:
+        for cg in (r / t.cgroup for r in roots):
+            if cg.exists():
+                left.append(f"cgroup {cg}" + (f" (pids {_cgroup_pids(cg)})" if _cgroup_pids(cg) else ""))
+        left += [f"pid {pid} in netns {t.netns}" for pid in _netns_pids(t)]
+        if netns_exists(t):
+            left.append(f"netns {t.netns}")
+        if Path("/sys/class/net", t.host_if).exists():
+            left.append(f"veth {t.host_if}")
+    netns_paths = {f"/run/netns/{t.netns}" for t in ts}
     with open("/proc/self/mountinfo") as fh:
-        left += [f"mount {l.split()[4]}" for l in fh
-                 if str(p.root) in l or l.split()[4] == f"/run/netns/{T.netns}"]
-    left += [f"nspawn leftover {x}" for x in _nspawn_leftovers()]
+        left += [f"mount {l.split()[4]}" for l in fh if str(p.root) in l or l.split()[4] in netns_paths]
+    left += [f"nspawn leftover {x}" for x in _nspawn_leftovers([t.name for t in ts])]
     for pid in (_state(p).get("pids") or {}).values():
         if pid and _alive(pid):
             left.append(f"pid {pid} of state.json still running")
+    fst = _fleet_state(p)
+    for name, pids in (fst.get("pids") or {}).items():
+        for what, pid in (pids or {}).items():
+            if pid and _alive(pid):
+                left.append(f"{name} {what} pid {pid} of fleet.json still running")
+    if fst.get("hfserver") and _alive(fst["hfserver"]):
+        left.append(f"fleet hfserver pid {fst['hfserver']} still running")
     return left
 
 
@@ -676,4 +919,7 @@ def status(p: Paths | None = None) -> dict:
         "hf_endpoint": st.get("hf_endpoint"),
         "git_url": st.get("git_url"), "git_sha": st.get("git_sha"),
         "overrides": str(p.overrides) if p.overrides.exists() else None,
+        "fleet": {"hosts": _fleet_state(p).get("hosts") or [],
+                  "running": fleet_running(p) if os.geteuid() == 0 else None,
+                  "pids": _fleet_state(p).get("pids") or {}},
     }

@@ -1,4 +1,4 @@
-"""Invoke tasks for the sandbox: `invoke sandbox.up|down|status|reset` and `invoke demo`.
+"""Invoke tasks for the sandbox: `invoke sandbox.up [--hosts N]|down|status|reset` and `invoke demo`.
 
 `demo` is the README's main job on a machine without Fedora or a GPU: bring the sandbox up, run
 `fab -S <its ssh config> -H gpubox provision` over real SSH (with the sandbox's config overrides:
@@ -44,21 +44,34 @@ def _fail(e: Exception) -> Exit:
     return Exit(f"sandbox: {e}", code=1)
 
 
-@task
-def up(c):
-    """Create (first time, minutes) and start the sandbox host `gpubox`; prints how to reach it."""
+def _fleet_lines(inf: runtime.FleetInfo) -> list[str]:
+    return [
+        f"ssh config:      {inf.ssh_config}  (hosts {', '.join(inf.hosts)}; and gpubox)",
+        *(f"{h + ':':<16} ssh -F {inf.ssh_config} {h}   ({inf.addresses[h]}; systemd host pid "
+          f"{inf.pids[h]['init']}, systemd-nspawn pid {inf.pids[h]['target']})" for h in inf.hosts),
+        f"fleet:           {inf.fab_command}",
+        f"hf endpoint:     {inf.hf_endpoint or '(testbed/hfserver.py missing: none)'}  (every host has a route to it)",
+        f"git mirror:      {inf.git_url} @ {inf.git_sha}",
+        f"overrides:       {inf.overrides_file}",
+    ]
+
+
+@task(help={"hosts": "bring up N hosts gpubox1..gpubox<N> (each its own namespace) instead of the one `gpubox`"},
+      auto_shortflags=False)
+def up(c, hosts=0):
+    """Create (first time, minutes) and start the sandbox host `gpubox` (--hosts N: gpubox1..N); says how to reach it."""
     try:
         t0 = time.monotonic()
-        inf = runtime.up()
+        inf = runtime.up_fleet(int(hosts)) if int(hosts) else runtime.up()
     except runtime.SandboxError as e:
         raise _fail(e)
     print(f"sandbox up in {time.monotonic() - t0:.1f}s")
-    print("\n".join(_info_lines(inf)))
+    print("\n".join(_fleet_lines(inf) if int(hosts) else _info_lines(inf)))
 
 
 @task
 def down(c):
-    """Stop everything the sandbox started (by PID), remove its namespace; keeps the cache."""
+    """Stop everything the sandbox started (by PID; a fleet's hosts too), remove its namespaces; keeps the cache."""
     try:
         done = runtime.down(log=lambda m: None)
     except runtime.SandboxError as e:
@@ -74,10 +87,12 @@ def status(c):
 
 @task
 def reset(c):
-    """Back to the pristine state (drops the target's writable layer; the persistent cache stays)."""
+    """Back to the pristine state (drops the targets' writable layers, a fleet's too; the persistent cache stays)."""
     try:
         t0 = time.monotonic()
         runtime.reset()
+        if runtime.fleet_running():
+            runtime.reset_fleet()
     except runtime.SandboxError as e:
         raise _fail(e)
     print(f"sandbox reset in {time.monotonic() - t0:.2f}s")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from testbed.sandbox import ADDRESS, NETNS, PERSIST_MOUNT, runtime
-from testbed.sandbox.paths import TARGET
+from testbed.sandbox.paths import TARGET, fleet_targets
 
 pytestmark = pytest.mark.integration
 
@@ -218,27 +218,28 @@ def test_up_twice_is_harmless(sandbox, sandbox_paths):
     assert ssh(sandbox, "true").returncode == 0
 
 
-def _leftovers(pids: dict, paths) -> list[str]:
+def _leftovers(pids: dict, paths, targets=(TARGET,)) -> list[str]:
     """What of a sandbox is still on this machine, looked up independently of runtime.leftovers()."""
     left = []
     for name, pid in pids.items():
         if pid and runtime._alive(pid):
             left.append(f"{name} pid {pid} still running")
-    if Path(f"/run/netns/{NETNS}").exists():
-        left.append(f"netns {NETNS}")
-    if subprocess.run(["ip", "link", "show", TARGET.host_if], capture_output=True).returncode == 0:
-        left.append(f"veth {TARGET.host_if}")
+    for t in targets:
+        if Path(f"/run/netns/{t.netns}").exists():
+            left.append(f"netns {t.netns}")
+        if subprocess.run(["ip", "link", "show", t.host_if], capture_output=True).returncode == 0:
+            left.append(f"veth {t.host_if}")
+        for hier in ("systemd", "unified", ""):
+            cg = Path("/sys/fs/cgroup", hier, t.cgroup)
+            if cg.exists():
+                left.append(f"cgroup {cg}")
     with open("/proc/self/mountinfo") as fh:
         left += [f"mount {l.split()[4]}" for l in fh
-                 if str(paths.root) in l or l.split()[4] == f"/run/netns/{NETNS}"]
+                 if str(paths.root) in l or l.split()[4] in {f"/run/netns/{t.netns}" for t in targets}]
     ps = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
     for line in ps.splitlines():
-        if (str(paths.root) in line or f"--machine={TARGET.name}" in line) and " Z" not in line:
+        if (str(paths.root) in line or any(f"--machine={t.name} " in line + " " for t in targets)) and " Z" not in line:
             left.append("process " + line.strip())
-    for hier in ("systemd", "unified", ""):
-        cg = Path("/sys/fs/cgroup", hier, TARGET.cgroup)
-        if cg.exists():
-            left.append(f"cgroup {cg}")
     if Path("/run/systemd/nspawn").exists():
         left.append("/run/systemd/nspawn: " + " ".join(str(x) for x in Path("/run/systemd/nspawn").rglob("*")))
     return left
@@ -246,16 +247,24 @@ def _leftovers(pids: dict, paths) -> list[str]:
 
 def test_down_leaves_nothing_and_twice_is_harmless(sandbox_lock):
     """Run last in this module: brings the sandbox down and up again for the following tests. Nothing of it
-    stays: no process (nspawn, the container's systemd and services, the HF server, ssh's ControlMaster), no
-    mount, cgroup, veth or namespace, nothing under /run/systemd/nspawn."""
+    stays, of the single host nor of a fleet's two: no process (nspawn, the containers' systemd and services,
+    the HF servers, ssh's ControlMaster), no mount, cgroup, veth or namespace, nothing under /run/systemd/nspawn."""
     p = sandbox_lock
     inf = runtime.up(p)
     ssh(inf, "true")                      # an ssh ControlMaster exists now
-    up_now = _leftovers(inf.pids, p)
+    # A fleet of two beside it (`sandbox.up --hosts 2`): `down` takes them too.
+    fl = runtime.up_fleet(2, p, log=lambda m: None)
+    for h in fl.hosts:
+        r = subprocess.run(["ssh", "-F", fl.ssh_config, h, "hostname"], capture_output=True, text=True, timeout=60)
+        assert r.stdout.strip() == h, r.stderr
+    targets = [TARGET, *fleet_targets(2)]
+    pids = {**inf.pids, **{f"{h} {k}": v for h, d in fl.pids.items() for k, v in d.items()}, "fleet hf": fl.hfserver}
+    up_now = _leftovers(pids, p, targets)
     assert any(x.startswith("cgroup") for x in up_now) and any("systemd-nspawn" in x for x in up_now), up_now
+    assert {f"netns {t.netns}" for t in targets} <= set(up_now), up_now
     assert runtime.leftovers(p)           # the same check sees the running sandbox
     runtime.down(p, log=lambda m: None)
-    assert _leftovers(inf.pids, p) == []
+    assert _leftovers(pids, p, targets) == []
     assert runtime.leftovers(p) == []
     assert runtime.down(p, log=lambda m: None) == []
     assert not runtime.running(p)

@@ -319,3 +319,33 @@ def test_the_gpubox_program_uses_the_fleet_executor():
     from provision import cli
     assert cli.program.executor_class is fleet.Executor
     assert getattr(cli.ns.tasks["fleet"], "fleet_hosts", False)
+
+
+# --- the sandbox's fleet: names, addresses, one ssh config -----------------------------------------
+
+def test_sandbox_fleet_hosts_have_their_own_names_and_addresses_and_gpubox_keeps_its_own(tmp_path):
+    from testbed.sandbox import paths, runtime
+    ts = paths.fleet_targets(4)
+    assert [t.name for t in ts] == ["gpubox1", "gpubox2", "gpubox3", "gpubox4"]
+    every = [paths.TARGET, *paths.fleet_targets(paths.MAX_FLEET)]
+    for attr in ("name", "netns", "host_if", "address", "host_address", "cgroup"):
+        values = [getattr(t, attr) for t in every]
+        assert len(set(values)) == len(values), attr
+    assert all(len(t.host_if) <= 15 for t in every)                  # Linux interface names
+    assert (paths.TARGET.address, paths.TARGET.host_address) == ("10.200.0.2", "10.200.0.1")
+    assert (ts[2].address, ts[2].host_address) == ("10.200.3.2", "10.200.3.1")
+    with pytest.raises(ValueError):
+        paths.fleet_target(0)
+    p = paths.Paths(tmp_path)
+    assert p.instance(paths.TARGET).upper == p.upper                 # the single host's layer where it was
+    assert p.instance(ts[1]).upper == tmp_path / "instances" / "gpubox2" / "upper"
+    runtime._write_ssh_config(p, ts[:3])
+    text = p.ssh_config.read_text()
+    blocks = re.findall(r"^Host (\S+) (\S+)\n    HostName (\S+)$", text, re.M)
+    assert blocks == [("gpubox", "10.200.0.2", "10.200.0.2"), ("gpubox1", "10.200.1.2", "10.200.1.2"),
+                      ("gpubox2", "10.200.2.2", "10.200.2.2"), ("gpubox3", "10.200.3.2", "10.200.3.2")]
+    import paramiko
+    cfg = paramiko.SSHConfig.from_path(str(p.ssh_config))
+    assert cfg.lookup("gpubox3")["hostname"] == "10.200.3.2" and cfg.lookup("gpubox")["hostname"] == "10.200.0.2"
+    runtime._write_ssh_config(p, [])
+    assert re.findall(r"^Host (\S+)", p.ssh_config.read_text(), re.M) == ["gpubox"]
