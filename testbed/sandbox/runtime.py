@@ -786,9 +786,17 @@ def up_fleet(n: int, p: Paths | None = None, log=_log_default) -> FleetInfo:
         return inf
 
 
+def _stray_fleet_targets() -> list[Target]:
+    """Fleet hosts whose namespace, veth or cgroup exists on this machine (fleet.json or not: an earlier crash)."""
+    roots = cgroup_roots() if CGROUP_FS.is_dir() else []
+    return [t for t in fleet_targets(MAX_FLEET)
+            if netns_exists(t) or Path("/sys/class/net", t.host_if).exists() or any((r / t.cgroup).exists() for r in roots)]
+
+
 def _down_fleet_locked(p: Paths, log=_log_default) -> list[str]:
     st = _fleet_state(p)
     ts = _fleet_targets_of(st)
+    ts += [t for t in _stray_fleet_targets() if t not in ts]
     done = []
     for t in ts:
         _close_master(p, t)

@@ -315,6 +315,26 @@ def test_executor_gives_the_fleet_task_all_H_hosts_in_one_call():
     assert seen == [("many", "Context", "z", False)]
 
 
+def test_fab_takes_the_executor_from_a_config_file(tmp_path):
+    """docs/fleet.md: `tasks.executor_class: provision.fleet.Executor` in a file given with -f makes Fabric's own
+    program hand -H to the fleet task too (Invoke reads it from the config at execute time)."""
+    import fabric
+    from fabric.main import Fab
+    seen = []
+
+    @task
+    def many(c, hosts=None):
+        seen.append((type(c).__name__, hosts))
+    many.fleet_hosts = True
+    prog = Fab(name="fab", namespace=Collection(many), executor_class=fabric.Executor, config_class=fabric.Config)
+    prog.run(["fab", "-H", "a,b", "many"], exit=False)
+    assert seen == [("Connection", None), ("Connection", None)]      # stock: once per host
+    seen.clear()
+    (tmp_path / "f.yaml").write_text("tasks:\n  executor_class: provision.fleet.Executor\n")
+    prog.run(["fab", "-f", str(tmp_path / "f.yaml"), "-H", "a,b", "many"], exit=False)
+    assert seen == [("Context", "a,b")]
+
+
 def test_the_gpubox_program_uses_the_fleet_executor():
     from provision import cli
     assert cli.program.executor_class is fleet.Executor
