@@ -87,6 +87,10 @@ def test_three_hosts_in_parallel_one_fails_the_others_converge_and_stay(fleet3, 
     for h in HOSTS:                                    # three hosts, one ssh config
         assert ssh(inf, h, "hostname").stdout.strip() == h
     assert "Host gpubox " in Path(inf.ssh_config).read_text()      # the single host stays in it
+    # One HF server for the fleet (gpubox1's host side); the other hosts reach it by their route.
+    probe = (f"python3 -c \"import json, urllib.request as u; print(json.load(u.urlopen('{inf.hf_endpoint}"
+             "/api/models/unsloth/gemma-4-26B-A4B-it-GGUF', timeout=10))['id'])\"")
+    assert ssh(inf, "gpubox3", probe).stdout.strip() == "unsloth/gemma-4-26B-A4B-it-GGUF"
     # gpubox2's CUDA repository is removed: an empty directory over it, inside that target only.
     ssh(inf, BROKEN, "mount -t tmpfs -o size=1m gpubox-test-no-cuda /srv/gpubox-repos/cuda")
     assert ssh(inf, BROKEN, "ls -A /srv/gpubox-repos/cuda").stdout == ""
