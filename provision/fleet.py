@@ -219,7 +219,7 @@ class FleetConnection(Connection):
     def run(self, command, **kwargs):
         self.commands += 1
         if self.fleet_out is not None and kwargs.get("out_stream") is not None:
-            kwargs["out_stream"] = _Owned(kwargs["out_stream"], self.fleet_out, self.host)
+            kwargs["out_stream"] = _Owned(kwargs["out_stream"], self.fleet_out, self.name)
         result = self._remote_run(command, **kwargs)
         self.reached = True
         return result
@@ -227,12 +227,17 @@ class FleetConnection(Connection):
     def _remote_run(self, command, **kwargs):
         return super().run(command, **kwargs)
 
+    @property
+    def name(self) -> str:
+        """The host as given (-H / --hosts), not the address an ssh config's HostName turned it into."""
+        return self.original_host
+
     def provision_steps(self, job: Job) -> HostRun:
         """Plan or provision this host (inside one of the job's slots); never raises for a failed host."""
         with job.slots:
             if job.out is not None:
                 self.fleet_out = job.out
-                job.out.own(self.host)
+                job.out.own(self.name)
             try:
                 return self._provision(job)
             finally:
@@ -241,7 +246,7 @@ class FleetConnection(Connection):
                     job.out.disown()
 
     def _provision(self, job: Job) -> HostRun:
-        hr = HostRun(self.host, FAILED, start=time.monotonic() - job.t0)
+        hr = HostRun(self.name, FAILED, start=time.monotonic() - job.t0)
         host = Host(self)
         cfg = copy.deepcopy(job.cfg)
         runner = Runner(host, cfg, [BY_NAME[n] for n in job.names], plan=job.plan)
@@ -405,7 +410,7 @@ def run_fleet(hosts: Sequence[str], fab_config, cfg: dict, *, plan: bool = False
         if isinstance(r, HostRun):
             rep.hosts.append(r)
         else:   # an exception escaped provision_steps itself (a defect): still this host's failure only
-            rep.hosts.append(HostRun(c.host, FAILED, steps={n: NOT_RUN for n in names}, exit=1,
+            rep.hosts.append(HostRun(c.name, FAILED, steps={n: NOT_RUN for n in names}, exit=1,
                                      failure={"step": "?", "cause": f"{type(r).__name__}: {r}"}))
     rep.seconds = time.monotonic() - t0
     write(rep, Path(os.path.expanduser(cfg["report_dir"])))

@@ -369,3 +369,13 @@ def test_sandbox_fleet_hosts_have_their_own_names_and_addresses_and_gpubox_keeps
     assert cfg.lookup("gpubox3")["hostname"] == "10.200.3.2" and cfg.lookup("gpubox")["hostname"] == "10.200.0.2"
     runtime._write_ssh_config(p, [])
     assert re.findall(r"^Host (\S+)", p.ssh_config.read_text(), re.M) == ["gpubox"]
+
+
+def test_rows_and_prefixes_use_the_name_given_not_the_ssh_configs_address(steps, conn_cls, cfg):
+    import fabric
+    import paramiko
+    fc = fabric.Config(ssh_config=paramiko.SSHConfig.from_text("Host box1\n    HostName 10.9.9.1\n"))
+    out = io.StringIO()
+    rep = fleet.run_fleet(["box1"], fc, cfg, names=NAMES, out=out, err=out, connection=conn_cls)
+    assert [h.host for h in rep.hosts] == ["box1"]
+    assert out.getvalue().startswith("[box1] provision started\n")
