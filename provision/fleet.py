@@ -330,14 +330,16 @@ class FleetReport:
 
     def table(self) -> str:
         hw = max([len(h.host) for h in self.hosts] + [4])
-        sw = {n: max(len(n), *(len(h.steps.get(n, "")) for h in self.hosts)) for n in self.steps}
+        # A step every host skipped (--only/--skip) gets no column.
+        steps = [n for n in self.steps if any(h.steps.get(n, SKIPPED) != SKIPPED for h in self.hosts)] or self.steps
+        sw = {n: max(len(n), *(len(h.steps.get(n, "")) for h in self.hosts)) for n in steps}
         good = sum(1 for h in self.hosts if h.status != FAILED)
         rows = [f"gpubox fleet {self.mode}: {len(self.hosts)} hosts, at most {self.parallel} at once, "
                 f"{good} " + ("planned" if self.mode == "plan" else "converged") + f", {len(self.failed)} failed, "
                 f"{self.seconds:.2f}s",
-                f"  {'host':<{hw}}  " + "  ".join(f"{n:<{sw[n]}}" for n in self.steps) + "     time  ssh"]
+                f"  {'host':<{hw}}  " + "  ".join(f"{n:<{sw[n]}}" for n in steps) + "     time  ssh"]
         for h in self.hosts:
-            cells = "  ".join(f"{(h.steps.get(n, '') or '-').replace(FAILED, 'FAILED'):<{sw[n]}}" for n in self.steps)
+            cells = "  ".join(f"{(h.steps.get(n, '') or '-').replace(FAILED, 'FAILED'):<{sw[n]}}" for n in steps)
             rows.append(f"  {h.host:<{hw}}  {cells}  {h.end - h.start:6.2f}s  {h.ssh_commands:>3}")
         if self.mode == "plan":
             rows += self._plans()
@@ -347,7 +349,10 @@ class FleetReport:
                 if h.status != FAILED:
                     continue
                 f = h.failure
-                rows.append(f"  {h.host}: step {f.get('step', '?')}: {f.get('cause', '')}")
+                step, cause = f.get("step", "?"), f.get("cause", "")
+                if cause.startswith(f"{step}: "):       # the engine's causes name their step already
+                    cause = cause[len(step) + 2:]
+                rows.append(f"  {h.host}: step {step}: {cause}")
                 if f.get("command"):
                     rows.append(f"    command: {f['command']}")
                     rows.append(f"    exit status: {f.get('exited')}")
