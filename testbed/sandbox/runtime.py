@@ -312,8 +312,9 @@ def _rm_cgroup(cg: Path) -> bool:
 
 def _nspawn_leftovers(names: list[str] | None = None) -> list[Path]:
     """What systemd-nspawn leaves under /run/systemd/nspawn once the containers are gone: the propagation
-    directory of each of the named machines (`machinectl bind`; default: `gpubox`), and the directories locks/
-    and propagate/ (and nspawn/) themselves when empty, i.e. when no other container on this machine uses them."""
+    directory of each of the named machines (`machinectl bind`; default: `gpubox`), image lock files no process
+    holds (_stale_lock), and the directories locks/ and propagate/ (and nspawn/) themselves when that empties
+    them, i.e. when no other container on this machine uses them."""
     out = []
     props = [NSPAWN_RUN / "propagate" / n for n in (names or [T.name])]
     out += [x for x in props if x.exists()]
