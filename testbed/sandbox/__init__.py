@@ -19,6 +19,8 @@ Layout under ``${GPUBOX_CACHE:-~/.cache/gpubox}/sandbox`` (the cache; `down` lea
     hf/            the local Hugging Face server's content (<org>/<name>/<file>)
     persist/       survives `reset`: mounted at /var/cache/gpubox-persist in the target
     instance/      the running sandbox's writable layer (upper); `reset` drops it
+    instances/     the same for each host of a fleet (`up --hosts N`: instances/gpubox1 ...)
+    fleet.json     what `up --hosts N` started (hosts, PIDs, the fleet's HF server)
     ssh/           the client key pair, the ssh config (`Host gpubox`), the ControlMaster sockets
     invoke.yaml    config overrides (`gpubox:` mapping) for running gpubox against the sandbox
     state.json     what `up` started: PIDs, addresses, URLs
@@ -33,7 +35,8 @@ Inside the target:
                                                         `reset` is a ccache hit
 
 Network: namespace `gpubox`, host side 10.200.0.1/24, target 10.200.0.2/24 (ssh root@10.200.0.2,
-key only); names and addresses: paths.TARGET. The Hugging Face server listens on the host side
+key only); names and addresses: paths.TARGET. A fleet's host k: namespace gpubox<k>, 10.200.<k>.1/.2
+(paths.fleet_target), booted beside `gpubox` from the same layers; docs/fleet.md. The Hugging Face server listens on the host side
 (10.200.0.1), reachable from both.
 
 Use: `invoke sandbox.up | sandbox.status | sandbox.reset | sandbox.down`, `invoke demo`;
