@@ -433,16 +433,20 @@ def write(rep: FleetReport, report_dir: Path) -> None:
 
 def fabric_config(c, ssh_config: str | None = None):
     """The Fabric config every host's Connection is made from: the task's own (a Fabric program already
-    loaded -S and the ssh configs), or Invoke's turned into one, with --ssh-config (or the config's
-    ssh_config_path) as the runtime ssh config."""
-    cfg = c.config if isinstance(c.config, fabric.Config) else c.config.clone(into=fabric.Config)
-    path = ssh_config or (cfg.get("ssh_config_path") if not isinstance(c.config, fabric.Config) else None)
+    loaded -S and the ssh configs), or Invoke's turned into one (then the config's ssh_config_path, e.g. from
+    the sandbox's -f file, names the ssh config). --ssh-config replaces whatever ssh config was loaded."""
+    cfg = c.config.clone() if isinstance(c.config, fabric.Config) else c.config.clone(into=fabric.Config)
+    path = ssh_config or (None if isinstance(c.config, fabric.Config) else cfg.get("ssh_config_path"))
     if path:
-        if not os.path.isfile(os.path.expanduser(path)):
+        path = os.path.expanduser(path)
+        if not os.path.isfile(path):
             raise Exit(f"fleet: the ssh config {path} does not exist; fix: give an existing file to --ssh-config",
                        code=config.EXIT_CONFIG)
-        cfg.set_runtime_ssh_path(os.path.expanduser(path))
-        cfg.load_ssh_config()
+        import paramiko
+        # This file alone, as with -S. (A Fabric config's clone carries the loaded SSHConfig object, and
+        # load_ssh_config() then reads no file: fabric/config.py, _given_explicit_object.)
+        cfg.base_ssh_config = paramiko.SSHConfig.from_path(path)
+        cfg.set_runtime_ssh_path(path)
     return cfg
 
 

@@ -380,3 +380,21 @@ def test_rows_and_prefixes_use_the_name_given_not_the_ssh_configs_address(steps,
     rep = fleet.run_fleet(["box1"], fc, cfg, names=NAMES, out=out, err=out, connection=conn_cls)
     assert [h.host for h in rep.hosts] == ["box1"]
     assert out.getvalue().startswith("[box1] provision started\n")
+
+
+def test_ssh_config_option_replaces_the_loaded_one(tmp_path):
+    import fabric
+    import paramiko
+    from invoke import Config, Context
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text("Host box\n    HostName 10.1.1.1\n")
+    b.write_text("Host box\n    HostName 10.2.2.2\n")
+    under_fab = Context(fabric.Config(ssh_config=paramiko.SSHConfig.from_path(str(a))))
+    assert fleet.fabric_config(under_fab).base_ssh_config.lookup("box")["hostname"] == "10.1.1.1"
+    assert fleet.fabric_config(under_fab, str(b)).base_ssh_config.lookup("box")["hostname"] == "10.2.2.2"
+    under_invoke = Context(Config(overrides={"ssh_config_path": str(a)}))      # the sandbox's -f file names one
+    assert fleet.fabric_config(under_invoke).base_ssh_config.lookup("box")["hostname"] == "10.1.1.1"
+    assert fleet.fabric_config(under_invoke, str(b)).base_ssh_config.lookup("box")["hostname"] == "10.2.2.2"
+    with pytest.raises(Exit) as e:
+        fleet.fabric_config(under_invoke, str(tmp_path / "nope"))
+    assert e.value.code == config.EXIT_CONFIG
