@@ -96,12 +96,15 @@ def test_three_hosts_in_parallel_one_fails_the_others_converge_and_stay(fleet3, 
     assert ssh(inf, BROKEN, "ls -A /srv/gpubox-repos/cuda").stdout == ""
     assert "repodata" in ssh(inf, "gpubox1", "ls /srv/gpubox-repos/cuda").stdout.split()
 
-    # 1. plan, in parallel: changes nothing, exit 0, every host would change every step.
+    # 1. plan, two hosts at a time: changes nothing, exit 0, every host would change every step.
     rd = tmp_path / "plan"
-    r = gpubox_fleet(inf, rd, "--plan")
+    r = gpubox_fleet(inf, rd, "--plan", "--parallel", "2")
     assert r.returncode == 0, r.stdout + r.stderr
     plan = fleet_report(rd)
-    assert plan["mode"] == "plan" and plan["failed"] == [] and plan["parallel"] == 3
+    assert plan["mode"] == "plan" and plan["failed"] == [] and plan["parallel"] == 2
+    # The bound: two hosts ran together, the third took the first free slot (it started when one had ended).
+    spans = sorted((plan["by"][h]["start"], plan["by"][h]["end"]) for h in HOSTS)
+    assert spans[1][0] < spans[0][1] and spans[2][0] >= min(spans[0][1], spans[1][1]) - 0.01, spans
     for h in HOSTS:
         assert plan["by"][h]["status"] == "would change", plan["by"][h]
         assert [plan["by"][h]["steps"][s] for s in STEPS] == ["would change"] * 4
