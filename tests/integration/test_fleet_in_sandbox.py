@@ -163,3 +163,49 @@ def test_three_hosts_in_parallel_one_fails_the_others_converge_and_stay(fleet3, 
     assert again["by"][BROKEN]["steps"]["driver"] == "ok"       # converged in the first run
     assert again["by"][BROKEN]["failure"]["step"] == "cuda"
     print(r.stdout)
+
+
+def test_ctrl_c_in_the_middle_of_a_fleet_run_leaves_no_host_locked(fleet3, tmp_path):
+    """SIGINT (Ctrl-C) while the three hosts are being provisioned: the controller exits at once with a
+    non-zero status instead of waiting for the hosts (the group's threads are daemon threads); each host's run
+    lock went with its SSH connection (no holder left on any target), and the next fleet run converges all
+    three from wherever the interrupted one stopped."""
+    import signal
+    import time
+    inf = fleet3
+    runtime.reset_fleet(log=lambda m: None)             # pristine again: a real provision to interrupt
+    rd = tmp_path / "interrupted"
+    argv = [sys.executable, "-m", "provision.cli", "-S", inf.ssh_config, "-f", inf.overrides_file,
+            "-H", ",".join(HOSTS), "fleet", "--only", ",".join(STEPS), "--set", f"report_dir={rd}"]
+    p = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "HF_ENDPOINT": inf.hf_endpoint, "PYTHONPATH": str(REPO)})
+    seen: list[str] = []
+    for line in p.stdout:                               # until every host is working on a step
+        seen.append(line.rstrip("\n"))
+        if len({l.split("]")[0] for l in seen if "applying: " in l}) == len(HOSTS):
+            break
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    try:
+        rest, _ = p.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        pytest.fail("the controller did not exit within 20 s of SIGINT:\n" + "\n".join(seen))
+    took = time.monotonic() - t0
+    print(f"\nSIGINT after {len(seen)} lines; controller exited {p.returncode} after {took:.2f} s")
+    assert p.returncode != 0, rest
+    assert not (rd / "fleet-latest.json").exists()      # no fleet report claims a finished run
+    time.sleep(2)                                        # the targets' sshd notice the closed connections
+    for h in HOSTS:
+        holders = ssh(inf, h, "pgrep -af '[g]pubox-lock' || true").stdout.strip()   # [g]: not pgrep's own shell
+        assert holders == "", (h, holders)
+    # The next run (the lock refused at once if it were still held: lock_wait defaults to 0) converges all.
+    rd2 = tmp_path / "after"
+    r = gpubox_fleet(inf, rd2)
+    print(r.stdout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    after = fleet_report(rd2)
+    assert after["failed"] == []
+    for h in HOSTS:
+        assert after["by"][h]["status"] in ("changed", "ok")
+        assert ssh(inf, h, "rpm -q cuda-nvcc-12-9 gcc14 akmod-nvidia-580xx").returncode == 0
