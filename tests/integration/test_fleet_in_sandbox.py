@@ -177,8 +177,11 @@ def test_ctrl_c_in_the_middle_of_a_fleet_run_leaves_no_host_locked(fleet3, tmp_p
     rd = tmp_path / "interrupted"
     argv = [sys.executable, "-m", "provision.cli", "-S", inf.ssh_config, "-f", inf.overrides_file,
             "-H", ",".join(HOSTS), "fleet", "--only", ",".join(STEPS), "--set", f"report_dir={rd}"]
+    # SIGINT as a terminal delivers it: a test session started in the background by a non-interactive shell
+    # (CI's) inherits SIGINT ignored, and Python leaves an ignored SIGINT ignored; the child gets the default.
     p = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env={**os.environ, "HF_ENDPOINT": inf.hf_endpoint, "PYTHONPATH": str(REPO)})
+                         env={**os.environ, "HF_ENDPOINT": inf.hf_endpoint, "PYTHONPATH": str(REPO)},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen: list[str] = []
     for line in p.stdout:                               # until every host is working on a step
         seen.append(line.rstrip("\n"))
