@@ -252,11 +252,8 @@ class FleetConnection(Connection):
         runner = Runner(host, cfg, [BY_NAME[n] for n in job.names], plan=job.plan)
         print("plan" if job.plan else "provision", "started")
         try:
-            if job.plan:
-                report = runner.run(skipped=job.skipped)
-            else:
-                with runs.locked(host, cfg, ",".join(n for n in job.names if n not in job.skipped)):
-                    report = runner.run(skipped=job.skipped)
+            report = runs.run_runner(runner, ",".join(n for n in job.names if n not in job.skipped),
+                                     skipped=job.skipped)
         except Exit as e:          # the run lock: busy (75) or not to be taken (1)
             hr.failure = {"step": runner.current or "lock", "cause": str(e.message or "")}
             hr.exit = e.code

@@ -40,17 +40,23 @@ def run_steps(c, names, *, plan=False, only=None, skip=None, sets=()):
     skipped = [n for n in names if n not in chosen]
     host = Host(c)
     try:
-        if plan:   # a plan changes nothing: it takes no lock (and never waits for one)
-            report = Runner(host, cfg, steps, plan=plan).run(skipped=skipped)
-        else:
-            with locked(host, cfg, ",".join(n for n in names if n in chosen)):
-                report = Runner(host, cfg, steps, plan=plan).run(skipped=skipped)
+        report = run_runner(Runner(host, cfg, steps, plan=plan), ",".join(n for n in names if n in chosen),
+                            skipped=skipped)
     except config.ConfigError as e:   # a ~/ path that does not resolve on this target
         raise Exit(str(e), code=config.EXIT_CONFIG)
     print(report.table())
     if report.failed:
         raise Exit(code=1)
     return report
+
+
+def run_runner(runner: Runner, what: str, skipped=()):
+    """The engine's run on its host: a plan changes nothing, so it takes no lock (and never waits for one);
+    a run that changes the box holds the target's run lock (`what` names it to a second run)."""
+    if runner.plan:
+        return runner.run(skipped=skipped)
+    with locked(runner.host, runner.cfg, what):
+        return runner.run(skipped=skipped)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from invoke import Collection, Exit, task
 
-from ..runs import locked, settings
+from ..runs import locked, run_runner, settings
 from .. import facts as factmod
 from ..engine import Runner, StepError, write_atomic
 from ..host import Host
@@ -74,11 +74,8 @@ def serve_(c, set=None, plan=False, no_prove=False):
     """Render the llama-server command for the built dialect, install the service, start it, prove it."""
     cfg = settings(c, set)
     host = Host(c)
-    if plan:   # a plan changes nothing: no lock
-        report = Runner(host, cfg, [step], plan=True).run()
-    else:      # one gpubox run at a time per box: a provision in flight may be rebuilding the binary
-        with locked(host, cfg, "serve"):
-            report = Runner(host, cfg, [step]).run()
+    # one gpubox run at a time per box (a provision in flight may be rebuilding the binary); a plan takes no lock
+    report = run_runner(Runner(host, cfg, [step], plan=plan), "serve")
     print(report.table())
     res = report.steps[0]
     for n in res.info.get("notes", []):
