@@ -37,6 +37,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 
@@ -550,19 +551,22 @@ def _in_netns(pid: int, t: Target = T) -> bool:
         return False
 
 
+def _target_up(pids: dict, t: Target = T) -> bool:
+    """One target is up: its nspawn alive with the namespace there, its systemd alive in that namespace (not
+    another one of the same name's past), sshd answering."""
+    return bool(pids.get("target") and _alive(pids["target"]) and netns_exists(t)
+                and pids.get("init") and _alive(pids["init"]) and _in_netns(pids["init"], t)
+                and _port_open(t.address, 22))
+
+
 def running(p: Paths | None = None) -> bool:
     """True when state.json's target (nspawn, and its systemd in the sandbox's network namespace) and HF server
     are alive and sshd answers."""
     p = p or Paths.default()
-    st = _state(p)
-    pids = st.get("pids") or {}
-    if not pids.get("target") or not _alive(pids["target"]) or not netns_exists():
-        return False
-    if not pids.get("init") or not _alive(pids["init"]) or not _in_netns(pids["init"]):
-        return False
+    pids = _state(p).get("pids") or {}
     if pids.get("hfserver") and not _alive(pids["hfserver"]):
         return False
-    return _port_open(T.address, 22)
+    return _target_up(pids)
 
 
 def up(p: Paths | None = None, log=_log_default) -> Info:
@@ -608,16 +612,26 @@ def _down_single_locked(p: Paths, log=_log_default) -> list[str]:
         _kill(hf)
         done.append(f"stopped hfserver (pid {hf})")
     done += _netns_down(T)
-    for pid in list(_CHILDREN):
-        if not _alive(pid):
-            _kill(pid)
+    _reap_children()
     p.state.unlink(missing_ok=True)
     if not _fleet_state(p):
-        for d in p.ssh.glob("cm-*") if p.ssh.exists() else ():
-            d.unlink(missing_ok=True)
+        _remove_control_sockets(p)
     for line in done:
         log("sandbox: " + line)
     return done
+
+
+def _reap_children() -> None:
+    """Collect this process's exited children (Popen objects up() keeps) so none stays a zombie."""
+    for pid in list(_CHILDREN):
+        if not _alive(pid):
+            _kill(pid)
+
+
+def _remove_control_sockets(p: Paths) -> None:
+    """ssh's ControlMaster sockets (ssh/cm-*): only once neither the host nor a fleet uses the ssh config."""
+    for d in p.ssh.glob("cm-*") if p.ssh.exists() else ():
+        d.unlink(missing_ok=True)
 
 
 def _netns_down(t: Target) -> list[str]:
@@ -726,15 +740,7 @@ def fleet_running(p: Paths | None = None) -> bool:
         return False
     if st.get("hfserver") and not _alive(st["hfserver"]):
         return False
-    for t in _fleet_targets_of(st):
-        pids = (st.get("pids") or {}).get(t.name) or {}
-        if not (pids.get("target") and _alive(pids["target"]) and netns_exists(t)):
-            return False
-        if not (pids.get("init") and _alive(pids["init"]) and _in_netns(pids["init"], t)):
-            return False
-        if not _port_open(t.address, 22):
-            return False
-    return True
+    return all(_target_up((st.get("pids") or {}).get(t.name) or {}, t) for t in _fleet_targets_of(st))
 
 
 def up_fleet(n: int, p: Paths | None = None, log=_log_default) -> FleetInfo:
@@ -762,13 +768,7 @@ def up_fleet(n: int, p: Paths | None = None, log=_log_default) -> FleetInfo:
         state = {"hosts": [t.name for t in ts], "pids": {}, "hfserver": None}
         p.fleet_state.write_text(json.dumps(state))
         try:
-            procs = [(t, _spawn_target(p, t)) for t in ts]        # all boot at once
-            for t, proc in procs:
-                state["pids"][t.name] = {"target": proc.pid, "init": None}
-            p.fleet_state.write_text(json.dumps(state))
-            for t, proc in procs:
-                target, init = _await_target(p, proc, t)
-                state["pids"][t.name] = {"target": target, "init": init}
+            _boot_together(p, ts, state["pids"], saved=lambda: p.fleet_state.write_text(json.dumps(state)))
             state["hfserver"] = _start_hf(p, hf_addr, name="hfserver-fleet")
         except SandboxError:
             p.fleet_state.write_text(json.dumps(state))
@@ -785,6 +785,20 @@ def up_fleet(n: int, p: Paths | None = None, log=_log_default) -> FleetInfo:
                         pids=state["pids"], hfserver=state["hfserver"])
         p.fleet_state.write_text(json.dumps(asdict(inf), indent=2))
         return inf
+
+
+def _boot_together(p: Paths, ts: list[Target], pids: dict, saved: Callable[[], Any] | None = None) -> None:
+    """Start every target's nspawn at once, then wait for each to boot: pids[name] = {"target", "init"}.
+    The nspawn pids are in `pids` (and `saved()` is called) before the first wait, so a boot that fails
+    leaves what `down` needs to find."""
+    procs = [(t, _spawn_target(p, t)) for t in ts]
+    for t, proc in procs:
+        pids[t.name] = {"target": proc.pid, "init": None}
+    if saved is not None:
+        saved()
+    for t, proc in procs:
+        target, init = _await_target(p, proc, t)
+        pids[t.name] = {"target": target, "init": init}
 
 
 def _stray_fleet_targets() -> list[Target]:
@@ -813,15 +827,12 @@ def _down_fleet_locked(p: Paths, log=_log_default) -> list[str]:
     if hf and _alive(hf):
         _kill(hf)
         done.append(f"stopped the fleet's hfserver (pid {hf})")
-    for pid in list(_CHILDREN):
-        if not _alive(pid):
-            _kill(pid)
+    _reap_children()
     if st:
         p.fleet_state.unlink(missing_ok=True)
         _write_ssh_config(p, [])
         if not _state(p):
-            for d in p.ssh.glob("cm-*") if p.ssh.exists() else ():
-                d.unlink(missing_ok=True)
+            _remove_control_sockets(p)
     for line in done:
         log("sandbox: " + line)
     return done
@@ -856,12 +867,7 @@ def reset_fleet(p: Paths | None = None, log=_log_default) -> FleetInfo | None:
                 _kill(pid)
             _wipe_upper(p, t)
         try:
-            procs = [(t, _spawn_target(p, t)) for t in ts]
-            for t, proc in procs:
-                st["pids"][t.name] = {"target": proc.pid, "init": None}
-            for t, proc in procs:
-                target, init = _await_target(p, proc, t)
-                st["pids"][t.name] = {"target": target, "init": init}
+            _boot_together(p, ts, st["pids"])
         except SandboxError:
             p.fleet_state.write_text(json.dumps(st, indent=2))
             _down_fleet_locked(p, log=lambda m: None)
